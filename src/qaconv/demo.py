@@ -1,0 +1,78 @@
+"""``qaconv demo``: QAConv-GS vs a pooled-feature baseline, trained on synthetic domain A and tested
+on the unseen domain B, on a CPU in a few minutes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .data.registry import ensure_synth
+from .engine.runner import DEFAULTS, evaluate, format_table, train
+from .viz.curves import plot_cmc
+
+# Small, CPU-friendly settings; everything else is the official QAConv-GS recipe.
+DEMO_OVERRIDES: dict = {
+    "dataset": "synth_A",
+    "testsets": "",
+    "arch": "resnet18",
+    "ibn": None,
+    "pretrained": None,
+    "height": 128,
+    "width": 64,
+    "neck": 128,
+    "batch_size": 32,
+    "num_instance": 4,
+    "max_epochs": 4,
+    "freeze_backbone_bn": "auto",
+    "workers": 0,
+}
+
+METHODS = {"pooled baseline (GAP + cosine)": "pooled", "QAConv-GS": "qaconv"}
+
+
+def add_demo_args(p) -> None:
+    p.add_argument("-o", "--out-dir", default="qaconv_demo", help="output folder (data, runs, results)")
+    p.add_argument("--data-dir", default=None, help="synthetic data folder (default: OUT_DIR/data)")
+    p.add_argument("--max-epochs", default=DEMO_OVERRIDES["max_epochs"], type=int, help="epochs per model")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
+    p.add_argument("--seed", default=0, type=int)
+
+
+def run_demo(out_dir="qaconv_demo", data_dir=None, max_epochs=4, device=None, seed=0, progress=True) -> dict:
+    """Generate domains A and B if absent, train both methods on A, evaluate on A (same domain) and B."""
+    start = time.perf_counter()
+    out = Path(out_dir)
+    data_dir = Path(data_dir) if data_dir else out / "data"
+    for domain in ("A", "B"):
+        ensure_synth(domain, data_dir, progress=progress)
+    testsets = ["synth_B", "synth_A"]
+    table, curves, summary = {}, {}, {"methods": {}}
+    for label, matcher in METHODS.items():
+        if progress:
+            print(f"\n== training {label} on synth_A ==")
+        cfg = {**DEFAULTS, **DEMO_OVERRIDES, "matcher": matcher, "max_epochs": max_epochs, "seed": seed,
+               "device": device, "data_dir": str(data_dir), "out_dir": str(out / "runs" / matcher)}
+        run = train(cfg, progress=progress)
+        model, head = run["model"], run["matcher"]
+        results = evaluate(model, head, cfg, testsets, out_dir=cfg["out_dir"], progress=False)
+        for name, r in results.items():
+            table[f"{label} -> {name}"] = r
+        curves[f"{label}, A->B"] = results["synth_B"].cmc
+        summary["methods"][label] = {
+            "train_time_s": run["train_time_s"],
+            "epochs": len(run["epochs"]),
+            "results": {name: r.to_dict() for name, r in results.items()},
+        }
+    summary["total_time_s"] = time.perf_counter() - start
+    (out / "demo_results.json").write_text(json.dumps(summary, indent=2))
+    plot_cmc(curves, out / "cmc.png", title="synthetic A -> unseen B (cross-domain)")
+    if progress:
+        print("\nTrained on synth_A; synth_B is the unseen target domain, synth_A's test split the same domain.")
+        print(format_table(table, title="method -> test set"))
+        print(f"\nwrote {out / 'demo_results.json'} and {out / 'cmc.png'} ({summary['total_time_s'] / 60:.1f} min)")
+    return summary
+
+
+def run_demo_from_args(args) -> dict:
+    return run_demo(args.out_dir, args.data_dir, args.max_epochs, args.device, args.seed)

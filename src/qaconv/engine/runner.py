@@ -1,0 +1,203 @@
+"""Glue between options (CLI, demo, config.yaml) and the library: build, train, evaluate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..data.registry import load_dataset
+from ..errors import QAConvError
+from ..losses import ClassMemoryLoss, PairwiseMatchingLoss, TripletLoss
+from ..matching import pairwise_scores, pick_device
+from ..metrics import RankResult, evaluate_rank
+from ..models import build_backbone, build_matcher
+from .checkpoint import load_checkpoint
+from .features import extract_features
+from .trainer import CHECKPOINT, Trainer, append_jsonl
+
+# Official QAConv-GS (HEAD) defaults, except the data: the embedded synthetic domains.
+DEFAULTS: dict = {
+    "dataset": "synth_A",
+    "testsets": "synth_B",
+    "data_dir": "data",
+    "out_dir": "runs/qaconv",
+    "arch": "resnet50",
+    "final_layer": "layer3",
+    "ibn": "b",
+    "neck": 128,
+    "input_norm": "imagenet",
+    "pretrained": "imagenet",
+    "backbone_weights": None,
+    "height": 384,
+    "width": 128,
+    "matcher": "qaconv",
+    "qaconv_version": "2.1",
+    "loss": "triplet",
+    "margin": 16.0,
+    "mem_batch_size": 16,
+    "sampler": "graph",
+    "batch_size": 64,
+    "num_instance": 2,
+    "lr": 0.005,
+    "weight_decay": 5e-4,
+    "clip": 8.0,
+    "step_factor": 0.7,
+    "max_epochs": 60,
+    "freeze_backbone_bn": "auto",
+    "augment": True,
+    "workers": 2,
+    "seed": 0,
+    "device": None,
+    "fea_batch": 128,
+    "match_batch": 128,
+}
+
+MODEL_KEYS = ("arch", "final_layer", "ibn", "neck", "input_norm", "height", "width", "matcher", "qaconv_version")
+
+
+class InBatchLoss(torch.nn.Module):
+    """Scores a batch against itself with ``matcher`` and applies a pair loss to the [B, B] logits."""
+
+    def __init__(self, matcher: torch.nn.Module, loss: torch.nn.Module):
+        super().__init__()
+        self.matcher, self.loss = matcher, loss
+
+    def forward(self, feats: torch.Tensor, targets: torch.Tensor):
+        return self.loss(self.matcher(feats, feats), targets)
+
+
+def build_model(cfg: dict, load_weights: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Backbone+neck and matcher from a config; ImageNet/local backbone weights when asked."""
+    ibn = None if cfg["ibn"] in (None, "none", "") else cfg["ibn"]
+    pretrained = None if cfg.get("pretrained") in (None, "none", "") else cfg["pretrained"]
+    model = build_backbone(
+        arch=cfg["arch"],
+        final_layer=cfg["final_layer"],
+        ibn=ibn,
+        neck=cfg["neck"],
+        pretrained=pretrained if load_weights else None,
+        weights_path=cfg.get("backbone_weights") if load_weights else None,
+        input_norm=cfg["input_norm"],
+    )
+    h, w = model.feature_size(cfg["height"], cfg["width"])
+    matcher = build_matcher(cfg["matcher"], model.out_channels, h, w, version=cfg["qaconv_version"])
+    return model, matcher
+
+
+def build_criterion(cfg: dict, model, matcher, num_classes: int) -> torch.nn.Module:
+    if cfg["loss"] == "triplet":
+        return InBatchLoss(matcher, TripletLoss(cfg["margin"]))
+    if cfg["loss"] == "pairwise":
+        return InBatchLoss(matcher, PairwiseMatchingLoss())
+    if cfg["loss"] == "memory":
+        h, w = model.feature_size(cfg["height"], cfg["width"])
+        return ClassMemoryLoss(matcher, num_classes, model.out_channels, h, w, cfg["mem_batch_size"])
+    raise QAConvError(f"unknown loss '{cfg['loss']}': choose triplet, pairwise or memory")
+
+
+def _freeze_bn(cfg: dict) -> bool:
+    value = cfg["freeze_backbone_bn"]
+    if value == "auto":  # frozen ImageNet statistics help generalisation; from random init they are meaningless
+        return bool(cfg.get("pretrained") not in (None, "none", "") or cfg.get("backbone_weights"))
+    return bool(value)
+
+
+def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=None) -> dict:
+    """Train per ``cfg`` into ``cfg['out_dir']`` and evaluate on its test sets; returns a summary."""
+    out = Path(cfg["out_dir"])
+    if resume:
+        saved = load_checkpoint(out / CHECKPOINT)["config"]
+        changed = {k: v for k, v in cfg.items() if k in saved and saved[k] != v and k in MODEL_KEYS}
+        if changed and progress:
+            print(f"resuming with the saved configuration; ignoring changed options {sorted(changed)}")
+        cfg = {**saved, **{k: cfg[k] for k in ("workers", "device", "testsets") if k in cfg}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    torch.manual_seed(cfg["seed"])
+    data = load_dataset(cfg["dataset"], cfg["data_dir"], progress=progress)
+    if progress:
+        print(data.summary())
+    model, matcher = build_model(cfg, load_weights=not resume)
+    criterion = build_criterion(cfg, model, matcher, data.num_train_pids)
+    trainer = Trainer(
+        model, matcher, criterion, data.train, out,
+        height=cfg["height"], width=cfg["width"], batch_size=cfg["batch_size"],
+        num_instance=cfg["num_instance"], sampler=cfg["sampler"], lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"], clip=cfg["clip"], step_factor=cfg["step_factor"],
+        max_epochs=cfg["max_epochs"], freeze_backbone_bn=_freeze_bn(cfg), augment=cfg["augment"],
+        workers=cfg["workers"], device=cfg["device"], seed=cfg["seed"], eval_batch=cfg["fea_batch"],
+        progress=progress, extra_state={"config": cfg},
+    )
+    start = time.perf_counter()
+    epochs = trainer.fit(resume=resume, on_epoch_end=on_epoch_end)
+    train_s = time.perf_counter() - start
+    append_jsonl(out / "metrics.jsonl", {"type": "train_done", "epochs": trainer.epoch, "time_s": train_s})
+    results = {}
+    if cfg.get("testsets"):
+        results = evaluate(model, matcher, cfg, cfg["testsets"], out_dir=out, progress=progress)
+    return {"config": cfg, "epochs": epochs, "train_time_s": train_s, "results": results,
+            "model": model.eval(), "matcher": matcher.eval()}
+
+
+def load_trained(path: str | Path, device=None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """Model, matcher and config from a checkpoint written by ``qaconv train`` (eval mode)."""
+    state = load_checkpoint(path)
+    if "config" not in state or "model" not in state:
+        raise QAConvError(f"{path} holds no trained model (expected a checkpoint from 'qaconv train')")
+    cfg = {**DEFAULTS, **state["config"]}
+    model, matcher = build_model(cfg, load_weights=False)
+    try:
+        model.load_state_dict(state["model"])
+        matcher.load_state_dict(state["matcher"])
+    except RuntimeError as exc:
+        raise QAConvError(f"checkpoint {path} does not fit its own config: {str(exc).splitlines()[0]}") from None
+    dev = pick_device(device)
+    return model.to(dev).eval(), matcher.to(dev).eval(), cfg
+
+
+def evaluate(model, matcher, cfg: dict, testsets: str | list[str], out_dir=None, progress=True) -> dict:
+    """Evaluate on each named test set; prints a table and logs one metrics.jsonl row per set."""
+    names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
+    results: dict[str, RankResult] = {}
+    for name in filter(None, names):
+        data = load_dataset(name, cfg["data_dir"], progress=progress)
+        result, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress)
+        results[name] = result
+        if out_dir is not None:
+            row = {"type": "eval", "testset": name, **result.to_dict(), "num_invalid_queries": result.num_invalid,
+                   "time_s": seconds}
+            append_jsonl(Path(out_dir) / "metrics.jsonl", row)
+    if progress and results:
+        print(format_table(results))
+    return results
+
+
+def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True) -> tuple[RankResult, float]:
+    """CMC/mAP/mINP of ``model`` + ``matcher`` on one dataset's query/gallery split, and seconds taken."""
+    start = time.perf_counter()
+    dev = pick_device(cfg.get("device"))
+    kw = dict(batch_size=cfg["fea_batch"], workers=cfg.get("workers", 0), device=dev, progress=progress)
+    q = extract_features(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)
+    g = extract_features(model, data.gallery, cfg["height"], cfg["width"], desc=f"{data.name} gallery", **kw)
+    scores = pairwise_scores(matcher, q, g, cfg["match_batch"], cfg["match_batch"], dev, progress=progress)
+    result = evaluate_rank(
+        (-scores).numpy(),
+        [r.pid for r in data.query], [r.pid for r in data.gallery],
+        [r.camid for r in data.query], [r.camid for r in data.gallery],
+    )
+    return result, time.perf_counter() - start
+
+
+def format_table(results: dict, title: str = "test set") -> str:
+    """Rank-1/5/10, mAP and mINP (in %) per row."""
+    width = max(len(title), *(len(k) for k in results))
+    lines = [f"{title:<{width}}  rank-1  rank-5  rank-10    mAP    mINP"]
+    for name, r in results.items():
+        lines.append(
+            f"{name:<{width}}  {100 * r.cmc[0]:6.1f}  {100 * r.cmc[4]:6.1f}  {100 * r.cmc[9]:7.1f}  "
+            f"{100 * r.mAP:5.1f}  {100 * r.mINP:6.1f}"
+        )
+    return "\n".join(lines)

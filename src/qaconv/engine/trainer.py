@@ -1,0 +1,247 @@
+"""The training loop: SGD-Nesterov, frozen backbone BN, AMP on CUDA, clipping, adaptive schedule,
+per-epoch atomic checkpoints, exact resume and a metrics.jsonl log."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.images import ImageDataset
+from ..data.records import Record
+from ..data.samplers import GraphSampler, RandomIdentitySampler
+from ..data.transforms import test_transform, train_transform
+from ..errors import QAConvError
+from ..losses import finite_mean
+from ..matching import pairwise_scores, pick_device
+from .checkpoint import load_checkpoint, save_checkpoint
+from .features import extract_features
+from .schedule import EpochSchedule
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON line to ``path``."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def make_optimizer(model, criterion, lr: float, weight_decay: float, momentum: float = 0.9):
+    """SGD Nesterov with three groups: backbone at 0.1 x lr, neck and matcher/criterion at lr."""
+    groups = [
+        {"params": list(model.base.parameters()), "lr": 0.1 * lr, "name": "backbone"},
+        {"params": [p for n, p in model.named_parameters() if not n.startswith("base.")], "lr": lr, "name": "neck"},
+        {"params": list(criterion.parameters()), "lr": lr, "name": "matcher"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+
+
+class Trainer:
+    """Trains ``model`` (images -> feature maps) with ``criterion`` on ``records``.
+
+    ``criterion(features, targets) -> (loss [B], acc [B])``; ``matcher`` scores feature maps and is used
+    by the graph sampler to find neighbouring classes. Everything is written to ``out_dir``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        matcher: torch.nn.Module,
+        criterion: torch.nn.Module,
+        records: Sequence[Record],
+        out_dir: str | Path,
+        *,
+        height: int,
+        width: int,
+        batch_size: int = 64,
+        num_instance: int = 2,
+        sampler: str = "graph",
+        lr: float = 0.005,
+        weight_decay: float = 5e-4,
+        clip: float = 8.0,
+        step_factor: float = 0.7,
+        max_epochs: int = 60,
+        freeze_backbone_bn: bool = True,
+        augment: bool = True,
+        amp: bool | None = None,
+        workers: int = 0,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        eval_batch: int = 128,
+        progress: bool = True,
+        extra_state: dict | None = None,
+    ):
+        if not records:
+            raise QAConvError("the training set is empty")
+        self.device = pick_device(device)
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        self.matcher = matcher.to(self.device)
+        self.criterion = criterion.to(self.device)
+        self.records = list(records)
+        self.out_dir = Path(out_dir)
+        self.height, self.width = height, width
+        self.clip, self.seed, self.workers = clip, seed, workers
+        self.freeze_backbone_bn = freeze_backbone_bn
+        self.eval_batch, self.progress = eval_batch, progress
+        self.amp = self.device.type == "cuda" if amp is None else amp
+        self.extra_state = extra_state or {}
+        labels = [r.pid for r in self.records]
+        if sampler == "graph":
+            self.sampler = GraphSampler(labels, batch_size, num_instance, self._class_distances, seed=seed)
+        elif sampler == "pk":
+            self.sampler = RandomIdentitySampler(labels, batch_size, num_instance, seed=seed)
+        else:
+            raise ValueError(f"unknown sampler '{sampler}': choose graph or pk")
+        transform = train_transform(height, width) if augment else test_transform(height, width)
+        self.dataset = ImageDataset(self.records, transform)
+        self.optimizer = make_optimizer(model, criterion, lr, weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.schedule = EpochSchedule(step_factor=step_factor, max_epochs=max_epochs)
+        self.epoch = 0
+
+    # -- graph sampler support -------------------------------------------------------------
+    def _class_distances(self, rep_indices: np.ndarray) -> np.ndarray:
+        """QAConv distances (-logit) between one representative image per class."""
+        reps = [self.records[i] for i in rep_indices]
+        feats = extract_features(
+            self.model, reps, self.height, self.width, batch_size=self.eval_batch,
+            workers=self.workers, device=self.device, progress=False,
+        )
+        scores = pairwise_scores(self.matcher, feats, feats, self.eval_batch, self.eval_batch, self.device)
+        return (-scores).numpy()
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "matcher": self.matcher.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            **self.extra_state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.matcher.load_state_dict(state["matcher"])
+            self.criterion.load_state_dict(state["criterion"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise QAConvError(f"checkpoint does not fit this model and training setup: {first}") from None
+        self.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.epoch = int(state["epoch"])
+
+    # -- loop ------------------------------------------------------------------------------
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.freeze_backbone_bn:
+            self.model.base.eval()
+        self.criterion.train()
+        self.matcher.train()
+
+    def _step(self, images: torch.Tensor, targets: torch.Tensor):
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            feats = self.model(images)
+            loss_vec, acc_vec = self.criterion(feats.float(), targets)
+        loss, acc, _ = finite_mean(loss_vec, acc_vec)
+        if loss is None:
+            return None, None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            torch.nn.utils.clip_grad_norm_(self.criterion.parameters(), self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach()), float(acc)
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One epoch (1-based ``epoch``); returns its summary row."""
+        torch.manual_seed(self.seed * 100003 + epoch)
+        self.sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        start = time.perf_counter()
+        losses, accs, skipped, seen = [], [], 0, 0
+        bar = tqdm(total=len(self.sampler), desc=f"epoch {epoch}", disable=not self.progress, leave=False)
+        for images, targets, *_ in loader:
+            self._set_train_mode()
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            loss, acc = self._step(images, targets.to(self.device))
+            seen += len(images)
+            if loss is None:
+                skipped += 1
+            else:
+                losses.append(loss)
+                accs.append(acc)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{np.mean(accs[-20:]):.2f}")
+            bar.update(1)
+        bar.close()
+        if not losses:
+            raise QAConvError(
+                f"every batch of epoch {epoch} had a non-finite loss ({skipped} skipped); "
+                "try a lower --lr or check the data"
+            )
+        elapsed = time.perf_counter() - start
+        return {
+            "type": "epoch",
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "acc": float(np.mean(accs)),
+            "lr": [g["lr"] for g in self.optimizer.param_groups],
+            "batches": len(losses) + skipped,
+            "skipped_batches": skipped,
+            "images_per_s": seen / elapsed,
+            "time_s": elapsed,
+        }
+
+    def fit(self, resume: bool = False, on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
+        """Train until the schedule stops; with ``resume`` continue from ``out_dir``'s checkpoint."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_path = self.out_dir / CHECKPOINT
+        if resume:
+            self.load_state_dict(load_checkpoint(ckpt_path, map_location=self.device))
+            if self.progress:
+                print(f"resumed from {ckpt_path} after epoch {self.epoch}")
+        rows = []
+        while not self.schedule.done(self.epoch):
+            epoch = self.epoch + 1
+            row = self.train_epoch(epoch)
+            if not math.isfinite(row["loss"]):
+                raise QAConvError(f"epoch {epoch} ended with a non-finite average loss")
+            if self.schedule.end_epoch(epoch, row["loss"]):
+                for group in self.optimizer.param_groups:
+                    group["lr"] *= 0.1
+                row["lr_decayed"] = True
+            row["final_epochs"] = self.schedule.final_epochs
+            self.epoch = epoch
+            save_checkpoint(self.state_dict(), ckpt_path)
+            append_jsonl(self.out_dir / "metrics.jsonl", row)
+            rows.append(row)
+            if self.progress:
+                print(
+                    f"epoch {epoch}/{self.schedule.final_epochs}: loss {row['loss']:.4f} acc {row['acc']:.3f} "
+                    f"lr {row['lr'][0]:.2g} {row['images_per_s']:.0f} img/s"
+                    + (" (lr decayed x0.1)" if row.get("lr_decayed") else "")
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+        return rows

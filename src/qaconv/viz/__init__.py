@@ -1,0 +1,1 @@
+"""Pictures: curves, match drawings, reports."""
