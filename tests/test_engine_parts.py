@@ -1,0 +1,83 @@
+"""Checkpoints, the epoch schedule, transforms and chunked matching."""
+
+import pytest
+import torch
+
+from qaconv.data.transforms import RandomOcclusion, train_transform
+from qaconv.engine.checkpoint import load_checkpoint, save_checkpoint
+from qaconv.engine.schedule import EpochSchedule
+from qaconv.errors import QAConvError
+from qaconv.matching import pairwise_scores
+
+
+def test_checkpoint_roundtrip_and_atomic(tmp_path):
+    path = tmp_path / "run" / "checkpoint.pt"
+    save_checkpoint({"epoch": 3, "w": torch.arange(4.0), "config": {"a": 1}}, path)
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and torch.equal(state["w"], torch.arange(4.0))
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(QAConvError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(QAConvError, match="cannot load checkpoint"):
+        load_checkpoint(bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(QAConvError, match="not a qaconv checkpoint"):
+        load_checkpoint(foreign)
+
+
+def test_adaptive_schedule_decays_once_and_extends_by_half():
+    s = EpochSchedule(step_factor=0.7, max_epochs=60)
+    losses = [10.0, 8.0, 7.0, 6.0, 5.5, 3.0, 2.0, 1.0]
+    decays = [s.end_epoch(e, loss) for e, loss in enumerate(losses, start=1)]
+    # base = epoch-2 loss 8.0; first loss < 5.6 is epoch 5 (5.5): stop at 5 + 2 = 7
+    assert decays == [False, False, False, False, True, False, False, False]
+    assert s.final_epochs == 7 and s.done(7) and not s.done(6)
+
+
+def test_adaptive_schedule_respects_cap_and_fixed_mode():
+    s = EpochSchedule(step_factor=0.7, max_epochs=5)
+    for e, loss in enumerate([10, 10, 9, 1], start=1):
+        s.end_epoch(e, loss)
+    assert s.final_epochs == 5  # min(5, 4 + 2)
+    f = EpochSchedule(step_factor=3, max_epochs=6)
+    assert [f.end_epoch(e, 1.0) for e in range(1, 7)] == [False, False, True, False, False, False]
+    assert f.final_epochs == 6
+
+
+def test_occlusion_is_white_square_within_bounds():
+    torch.manual_seed(0)
+    occ = RandomOcclusion(0.0, 0.8)
+    for _ in range(50):
+        out = occ(torch.zeros(3, 32, 16))
+        ys, xs = torch.nonzero(out[0] == 1.0, as_tuple=True)
+        assert len(ys) > 0
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert h == w and 1 <= h < int(16 * 0.8) and len(ys) == h * w
+        assert torch.all(out[:, ys, xs] == 1.0)
+
+
+def test_train_transform_shape_and_range():
+    from PIL import Image
+
+    img = Image.new("RGB", (30, 70), (200, 10, 10))
+    out = train_transform(64, 32)(img)
+    assert out.shape == (3, 64, 32) and out.dtype == torch.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+class _Dot(torch.nn.Module):
+    def forward(self, prob, gal):
+        return prob.flatten(1) @ gal.flatten(1).T
+
+
+def test_pairwise_scores_chunks_equal_direct():
+    prob, gal = torch.randn(7, 3, 2, 2), torch.randn(11, 3, 2, 2)
+    direct = _Dot()(prob, gal)
+    chunked = pairwise_scores(_Dot(), prob, gal, prob_batch=3, gal_batch=4, device="cpu")
+    torch.testing.assert_close(chunked, direct)
