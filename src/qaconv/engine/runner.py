@@ -72,14 +72,15 @@ class InBatchLoss(torch.nn.Module):
 def build_model(cfg: dict, load_weights: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Backbone+neck and matcher from a config; ImageNet/local backbone weights when asked."""
     ibn = None if cfg["ibn"] in (None, "none", "") else cfg["ibn"]
-    pretrained = None if cfg.get("pretrained") in (None, "none", "") else cfg["pretrained"]
+    weights = cfg.get("backbone_weights") or None
+    pretrained = None if weights or cfg.get("pretrained") in (None, "none", "") else cfg["pretrained"]
     model = build_backbone(
         arch=cfg["arch"],
         final_layer=cfg["final_layer"],
         ibn=ibn,
         neck=cfg["neck"],
         pretrained=pretrained if load_weights else None,
-        weights_path=cfg.get("backbone_weights") if load_weights else None,
+        weights_path=weights if load_weights else None,
         input_norm=cfg["input_norm"],
     )
     h, w = model.feature_size(cfg["height"], cfg["width"])

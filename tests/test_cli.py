@@ -1,0 +1,66 @@
+"""The command line: help states defaults, bad arguments give one line and a non-zero exit."""
+
+import subprocess
+import sys
+
+import pytest
+
+from qaconv.cli import main
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "qaconv", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "synth", "demo"])
+def test_help_states_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "default" in out
+
+
+def test_train_help_shows_official_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("(default: 0.005)", "(default: 16.0)", "(default: layer3)", "(default: 0.7)", "(default: graph)"):
+        assert text in out
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--arch", "resnet7"], "invalid choice"),
+        (["train", "--lr", "-1"], "must be > 0"),
+        (["train", "--batch-size", "many"], "expected a int"),
+        (["train", "--ibn", "c"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+        (["evaluate"], "--checkpoint"),
+    ],
+)
+def test_bad_arguments_one_line(args, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_library_errors_are_one_line_without_traceback(tmp_path, capsys):
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--testsets", "synth_B"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.splitlines() == [f"qaconv evaluate: error: checkpoint {tmp_path / 'missing.pt'} does not exist"]
+
+
+def test_unknown_dataset_and_batch_rule(tmp_path, capsys):
+    code = main(["train", "--dataset", str(tmp_path / "nowhere"), "--pretrained", "none", "--ibn", "none",
+                 "--data-dir", str(tmp_path), "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "not found" in err
+
+
+def test_module_entry_point_bad_args():
+    res = _run("train", "--max-epochs", "0")
+    assert res.returncode == 2 and "must be > 0" in res.stderr and "Traceback" not in res.stderr
