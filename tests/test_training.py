@@ -1,5 +1,6 @@
 """Training: the loss goes down, and an interrupted run resumes to the very same state."""
 
+import copy
 import json
 
 import pytest
@@ -8,25 +9,27 @@ import torch
 from qaconv.engine.runner import DEFAULTS, build_criterion, build_model, train
 from qaconv.data.market import load_market_layout
 from qaconv.data.images import ImageDataset
-from qaconv.data.transforms import test_transform
+from qaconv.data.transforms import eval_transform
 
 
 def _cfg(tiny_domain, out_dir, **kw):
     cfg = {**DEFAULTS, "dataset": str(tiny_domain), "testsets": "", "data_dir": str(tiny_domain.parent),
            "out_dir": str(out_dir), "arch": "resnet18", "ibn": None, "pretrained": None, "height": 64,
            "width": 32, "neck": 32, "batch_size": 8, "num_instance": 2, "workers": 0, "device": "cpu",
-           "max_epochs": 2, "step_factor": 0.7, "lr": 0.01, "fea_batch": 16, "match_batch": 16}
+           "max_epochs": 2, "step_factor": 0.7, "lr": 0.02, "margin": 2.0, "fea_batch": 16, "match_batch": 16}
     cfg.update(kw)
     return cfg
 
 
 def _fixed_batch_loss(cfg, model, matcher):
+    """The training criterion on all training images at once, in training mode (batch statistics) on
+    copies, so running BN statistics neither confound the comparison nor change."""
+    model, matcher = copy.deepcopy(model).train(), copy.deepcopy(matcher).train()
     data = load_market_layout(cfg["dataset"])
-    ds = ImageDataset(data.train, test_transform(cfg["height"], cfg["width"]))
+    ds = ImageDataset(data.train, eval_transform(cfg["height"], cfg["width"]))
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     targets = torch.tensor([r.pid for r in data.train])
     criterion = build_criterion(cfg, model, matcher, data.num_train_pids)
-    model.eval(), matcher.eval()
     with torch.no_grad():
         loss, _ = criterion(model(images), targets)
     return loss[torch.isfinite(loss)].mean().item()

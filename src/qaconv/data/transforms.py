@@ -39,7 +39,7 @@ def _to_float() -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
 
 
-def test_transform(height: int, width: int) -> v2.Compose:
+def eval_transform(height: int, width: int) -> v2.Compose:
     """Bicubic resize and conversion to float RGB in [0, 1]."""
     return v2.Compose([v2.Resize((height, width), InterpolationMode.BICUBIC, antialias=True), *_to_float()])
 

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import ImageDataset
 from ..data.records import Record
-from ..data.transforms import test_transform
+from ..data.transforms import eval_transform
 from ..matching import pick_device
 
 
@@ -30,7 +30,7 @@ def extract_features(
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(
-        ImageDataset(records, test_transform(height, width)),
+        ImageDataset(records, eval_transform(height, width)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

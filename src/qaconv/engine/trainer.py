@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..data.images import ImageDataset
 from ..data.records import Record
 from ..data.samplers import GraphSampler, RandomIdentitySampler
-from ..data.transforms import test_transform, train_transform
+from ..data.transforms import eval_transform, train_transform
 from ..errors import QAConvError
 from ..losses import finite_mean
 from ..matching import pairwise_scores, pick_device
@@ -100,7 +100,7 @@ class Trainer:
             self.sampler = RandomIdentitySampler(labels, batch_size, num_instance, seed=seed)
         else:
             raise ValueError(f"unknown sampler '{sampler}': choose graph or pk")
-        transform = train_transform(height, width) if augment else test_transform(height, width)
+        transform = train_transform(height, width) if augment else eval_transform(height, width)
         self.dataset = ImageDataset(self.records, transform)
         self.optimizer = make_optimizer(model, criterion, lr, weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
