@@ -51,12 +51,27 @@ def test_bad_arguments_one_line(args, needle, capsys):
 def test_library_errors_are_one_line_without_traceback(tmp_path, capsys):
     code = main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--testsets", "synth_B"])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and err.splitlines() == [f"qaconv evaluate: error: checkpoint {tmp_path / 'missing.pt'} does not exist"]
+    assert code == 1 and err.splitlines() == [
+        f"qaconv evaluate: error: checkpoint {tmp_path / 'missing.pt'} does not exist"
+    ]
 
 
 def test_unknown_dataset_and_batch_rule(tmp_path, capsys):
-    code = main(["train", "--dataset", str(tmp_path / "nowhere"), "--pretrained", "none", "--ibn", "none",
-                 "--data-dir", str(tmp_path), "-o", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            str(tmp_path / "nowhere"),
+            "--pretrained",
+            "none",
+            "--ibn",
+            "none",
+            "--data-dir",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "not found" in err
 

@@ -6,17 +6,36 @@ import json
 import pytest
 import torch
 
-from qaconv.engine.runner import DEFAULTS, build_criterion, build_model, train
-from qaconv.data.market import load_market_layout
 from qaconv.data.images import ImageDataset
+from qaconv.data.market import load_market_layout
 from qaconv.data.transforms import eval_transform
+from qaconv.engine.runner import DEFAULTS, build_criterion, build_model, train
 
 
 def _cfg(tiny_domain, out_dir, **kw):
-    cfg = {**DEFAULTS, "dataset": str(tiny_domain), "testsets": "", "data_dir": str(tiny_domain.parent),
-           "out_dir": str(out_dir), "arch": "resnet18", "ibn": None, "pretrained": None, "height": 64,
-           "width": 32, "neck": 32, "batch_size": 8, "num_instance": 2, "workers": 0, "device": "cpu",
-           "max_epochs": 2, "step_factor": 0.7, "lr": 0.02, "margin": 2.0, "fea_batch": 16, "match_batch": 16}
+    cfg = {
+        **DEFAULTS,
+        "dataset": str(tiny_domain),
+        "testsets": "",
+        "data_dir": str(tiny_domain.parent),
+        "out_dir": str(out_dir),
+        "arch": "resnet18",
+        "ibn": None,
+        "pretrained": None,
+        "height": 64,
+        "width": 32,
+        "neck": 32,
+        "batch_size": 8,
+        "num_instance": 2,
+        "workers": 0,
+        "device": "cpu",
+        "max_epochs": 2,
+        "step_factor": 0.7,
+        "lr": 0.02,
+        "margin": 2.0,
+        "fea_batch": 16,
+        "match_batch": 16,
+    }
     cfg.update(kw)
     return cfg
 
@@ -35,11 +54,21 @@ def _fixed_batch_loss(cfg, model, matcher):
     return loss[torch.isfinite(loss)].mean().item()
 
 
-@pytest.mark.parametrize("loss,sampler,matcher", [("triplet", "graph", "qaconv"), ("pairwise", "pk", "qaconv"),
-                                                 ("triplet", "graph", "pooled")])
+@pytest.mark.parametrize(
+    "loss,sampler,matcher",
+    [("triplet", "graph", "qaconv"), ("pairwise", "pk", "qaconv"), ("triplet", "graph", "pooled")],
+)
 def test_training_reduces_loss(tiny_domain, tmp_path, loss, sampler, matcher):
-    cfg = _cfg(tiny_domain, tmp_path / "run", loss=loss, sampler=sampler, matcher=matcher, max_epochs=3,
-               step_factor=10, augment=False)
+    cfg = _cfg(
+        tiny_domain,
+        tmp_path / "run",
+        loss=loss,
+        sampler=sampler,
+        matcher=matcher,
+        max_epochs=3,
+        step_factor=10,
+        augment=False,
+    )
     torch.manual_seed(0)
     model, head = build_model(cfg)
     before = _fixed_batch_loss(cfg, model, head)

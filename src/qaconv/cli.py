@@ -52,23 +52,51 @@ def _bool(value: str) -> bool:
 
 def _add_model_args(p, d: dict) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("-a", "--arch", default=d["arch"], choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
-    g.add_argument("--final-layer", default=d["final_layer"], choices=["layer2", "layer3", "layer4"],
-                   help="cut the backbone after this stage")
-    g.add_argument("--ibn", default=d["ibn"], type=_choices_or_none("a", "b", "none"), help="IBN-Net variant: a, b or none")
+    g.add_argument(
+        "-a", "--arch", default=d["arch"], choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    )
+    g.add_argument(
+        "--final-layer",
+        default=d["final_layer"],
+        choices=["layer2", "layer3", "layer4"],
+        help="cut the backbone after this stage",
+    )
+    g.add_argument(
+        "--ibn", default=d["ibn"], type=_choices_or_none("a", "b", "none"), help="IBN-Net variant: a, b or none"
+    )
     g.add_argument("--neck", default=d["neck"], type=int, help="3x3 neck conv channels; 0 disables the neck")
-    g.add_argument("--input-norm", default=d["input_norm"], choices=["imagenet", "none"],
-                   help="normalisation applied inside the model to RGB in [0,1] ('none' = official code)")
-    g.add_argument("--pretrained", default=d["pretrained"], type=_choices_or_none("imagenet", "none"),
-                   help="backbone init: torchvision ImageNet weights from the local torch cache (never downloaded), or none")
-    g.add_argument("--backbone-weights", default=d["backbone_weights"], metavar="PATH",
-                   help="local backbone state dict (torchvision or IBN-Net key layout); overrides --pretrained")
+    g.add_argument(
+        "--input-norm",
+        default=d["input_norm"],
+        choices=["imagenet", "none"],
+        help="normalisation applied inside the model to RGB in [0,1] ('none' = official code)",
+    )
+    g.add_argument(
+        "--pretrained",
+        default=d["pretrained"],
+        type=_choices_or_none("imagenet", "none"),
+        help="backbone init: torchvision ImageNet weights from the local torch cache (never downloaded), or none",
+    )
+    g.add_argument(
+        "--backbone-weights",
+        default=d["backbone_weights"],
+        metavar="PATH",
+        help="local backbone state dict (torchvision or IBN-Net key layout); overrides --pretrained",
+    )
     g.add_argument("--height", default=d["height"], type=_positive(int), help="input height")
     g.add_argument("--width", default=d["width"], type=_positive(int), help="input width")
-    g.add_argument("--matcher", default=d["matcher"], choices=["qaconv", "pooled"],
-                   help="qaconv (explicit local matching) or pooled (global average pooling + cosine baseline)")
-    g.add_argument("--qaconv-version", default=d["qaconv_version"], choices=["2.1", "1"],
-                   help="QAConv head: 2.1 (shared FC, symmetric) or 1 (Linear(2HW->1))")
+    g.add_argument(
+        "--matcher",
+        default=d["matcher"],
+        choices=["qaconv", "pooled"],
+        help="qaconv (explicit local matching) or pooled (global average pooling + cosine baseline)",
+    )
+    g.add_argument(
+        "--qaconv-version",
+        default=d["qaconv_version"],
+        choices=["2.1", "1"],
+        help="QAConv head: 2.1 (shared FC, symmetric) or 1 (Linear(2HW->1))",
+    )
 
 
 def _add_run_args(p, d: dict) -> None:
@@ -78,44 +106,76 @@ def _add_run_args(p, d: dict) -> None:
     g.add_argument("-j", "--workers", default=d["workers"], type=int, help="data-loading worker processes")
     g.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     g.add_argument("--fea-batch", default=d["fea_batch"], type=_positive(int), help="feature-extraction batch")
-    g.add_argument("--match-batch", default=d["match_batch"], type=_positive(int),
-                   help="probe and gallery chunk size of all-pairs matching")
+    g.add_argument(
+        "--match-batch",
+        default=d["match_batch"],
+        type=_positive(int),
+        help="probe and gallery chunk size of all-pairs matching",
+    )
 
 
 def _add_train_args(p, d: dict) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("-d", "--dataset", default=d["dataset"], help="training set: synth_A, synth_B, or a Market-layout folder")
-    g.add_argument("-o", "--out-dir", default=d["out_dir"], help="output directory (config.yaml, metrics.jsonl, checkpoint.pt)")
-    g.add_argument("--loss", default=d["loss"], choices=["triplet", "pairwise", "memory"],
-                   help="batch-hard triplet (QAConv-GS), pairwise BCE (v2.0) or class memory (v1)")
+    g.add_argument(
+        "-d", "--dataset", default=d["dataset"], help="training set: synth_A, synth_B, or a Market-layout folder"
+    )
+    g.add_argument(
+        "-o", "--out-dir", default=d["out_dir"], help="output directory (config.yaml, metrics.jsonl, checkpoint.pt)"
+    )
+    g.add_argument(
+        "--loss",
+        default=d["loss"],
+        choices=["triplet", "pairwise", "memory"],
+        help="batch-hard triplet (QAConv-GS), pairwise BCE (v2.0) or class memory (v1)",
+    )
     g.add_argument("--margin", default=d["margin"], type=_positive(float), help="triplet margin in logit units")
     g.add_argument("--mem-batch-size", default=d["mem_batch_size"], type=_positive(int), help="class-memory chunk")
-    g.add_argument("--sampler", default=d["sampler"], choices=["graph", "pk"], help="graph sampler or PxK random identities")
+    g.add_argument(
+        "--sampler", default=d["sampler"], choices=["graph", "pk"], help="graph sampler or PxK random identities"
+    )
     g.add_argument("-b", "--batch-size", default=d["batch_size"], type=_positive(int))
     g.add_argument("--num-instance", default=d["num_instance"], type=_positive(int), help="images per class in a batch")
-    g.add_argument("--lr", default=d["lr"], type=_positive(float), help="learning rate of neck and matcher (backbone 0.1x)")
+    g.add_argument(
+        "--lr", default=d["lr"], type=_positive(float), help="learning rate of neck and matcher (backbone 0.1x)"
+    )
     g.add_argument("--weight-decay", default=d["weight_decay"], type=float)
     g.add_argument("--clip", default=d["clip"], type=float, help="gradient-norm clip; <= 0 disables clipping")
-    g.add_argument("--step-factor", default=d["step_factor"], type=_positive(float),
-                   help="< 1: decay once loss < factor x epoch-2 loss; >= 1: decay after that epoch")
+    g.add_argument(
+        "--step-factor",
+        default=d["step_factor"],
+        type=_positive(float),
+        help="< 1: decay once loss < factor x epoch-2 loss; >= 1: decay after that epoch",
+    )
     g.add_argument("--max-epochs", default=d["max_epochs"], type=_positive(int))
-    g.add_argument("--freeze-backbone-bn", default=d["freeze_backbone_bn"], type=lambda v: v if v == "auto" else _bool(v),
-                   help="keep backbone BN statistics frozen: true, false, or auto (true with pretrained weights)")
+    g.add_argument(
+        "--freeze-backbone-bn",
+        default=d["freeze_backbone_bn"],
+        type=lambda v: v if v == "auto" else _bool(v),
+        help="keep backbone BN statistics frozen: true, false, or auto (true with pretrained weights)",
+    )
     g.add_argument("--augment", default=d["augment"], type=_bool, help="official augmentations")
     g.add_argument("--seed", default=d["seed"], type=int)
-    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt with its saved configuration")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt with its saved configuration"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .engine.runner import DEFAULTS
 
-    parser = Parser(prog="qaconv", description="QAConv person re-identification: train, evaluate, generate data, demo.",
-                    formatter_class=FORMATTER)
+    parser = Parser(
+        prog="qaconv",
+        description="QAConv person re-identification: train, evaluate, generate data, demo.",
+        formatter_class=FORMATTER,
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("demo", formatter_class=FORMATTER,
-                       help="train QAConv-GS and a pooled baseline on synthetic domain A, test on unseen domain B")
+    p = sub.add_parser(
+        "demo",
+        formatter_class=FORMATTER,
+        help="train QAConv-GS and a pooled baseline on synthetic domain A, test on unseen domain B",
+    )
     from .demo import add_demo_args
 
     add_demo_args(p)
@@ -133,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", default="A", help="domain name (A, B, ...)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--train-ids", default=None, type=_positive(int), help="training identities (default: domain preset)")
+    p.add_argument(
+        "--train-ids", default=None, type=_positive(int), help="training identities (default: domain preset)"
+    )
     p.add_argument("--test-ids", default=None, type=_positive(int), help="test identities (default: domain preset)")
     p.add_argument("--height", default=128, type=_positive(int))
     p.add_argument("--width", default=64, type=_positive(int))
@@ -151,8 +213,13 @@ def _cmd_evaluate(args) -> None:
     from .engine.runner import evaluate, load_trained
 
     model, matcher, cfg = load_trained(args.checkpoint, device=args.device)
-    cfg.update(data_dir=args.data_dir, workers=args.workers, device=args.device,
-               fea_batch=args.fea_batch, match_batch=args.match_batch)
+    cfg.update(
+        data_dir=args.data_dir,
+        workers=args.workers,
+        device=args.device,
+        fea_batch=args.fea_batch,
+        match_batch=args.match_batch,
+    )
     if not args.testsets:
         raise QAConvError("no test sets given: pass --testsets NAME[,NAME...]")
     evaluate(model, matcher, cfg, args.testsets)

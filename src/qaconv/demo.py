@@ -51,8 +51,16 @@ def run_demo(out_dir="qaconv_demo", data_dir=None, max_epochs=4, device=None, se
     for label, matcher in METHODS.items():
         if progress:
             print(f"\n== training {label} on synth_A ==")
-        cfg = {**DEFAULTS, **DEMO_OVERRIDES, "matcher": matcher, "max_epochs": max_epochs, "seed": seed,
-               "device": device, "data_dir": str(data_dir), "out_dir": str(out / "runs" / matcher)}
+        cfg = {
+            **DEFAULTS,
+            **DEMO_OVERRIDES,
+            "matcher": matcher,
+            "max_epochs": max_epochs,
+            "seed": seed,
+            "device": device,
+            "data_dir": str(data_dir),
+            "out_dir": str(out / "runs" / matcher),
+        }
         run = train(cfg, progress=progress)
         model, head = run["model"], run["matcher"]
         results = evaluate(model, head, cfg, testsets, out_dir=cfg["out_dir"], progress=False)

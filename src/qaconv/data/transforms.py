@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 
 class RandomOcclusion(torch.nn.Module):

@@ -124,13 +124,29 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
     model, matcher = build_model(cfg, load_weights=not resume)
     criterion = build_criterion(cfg, model, matcher, data.num_train_pids)
     trainer = Trainer(
-        model, matcher, criterion, data.train, out,
-        height=cfg["height"], width=cfg["width"], batch_size=cfg["batch_size"],
-        num_instance=cfg["num_instance"], sampler=cfg["sampler"], lr=cfg["lr"],
-        weight_decay=cfg["weight_decay"], clip=cfg["clip"], step_factor=cfg["step_factor"],
-        max_epochs=cfg["max_epochs"], freeze_backbone_bn=_freeze_bn(cfg), augment=cfg["augment"],
-        workers=cfg["workers"], device=cfg["device"], seed=cfg["seed"], eval_batch=cfg["fea_batch"],
-        progress=progress, extra_state={"config": cfg},
+        model,
+        matcher,
+        criterion,
+        data.train,
+        out,
+        height=cfg["height"],
+        width=cfg["width"],
+        batch_size=cfg["batch_size"],
+        num_instance=cfg["num_instance"],
+        sampler=cfg["sampler"],
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        clip=cfg["clip"],
+        step_factor=cfg["step_factor"],
+        max_epochs=cfg["max_epochs"],
+        freeze_backbone_bn=_freeze_bn(cfg),
+        augment=cfg["augment"],
+        workers=cfg["workers"],
+        device=cfg["device"],
+        seed=cfg["seed"],
+        eval_batch=cfg["fea_batch"],
+        progress=progress,
+        extra_state={"config": cfg},
     )
     start = time.perf_counter()
     epochs = trainer.fit(resume=resume, on_epoch_end=on_epoch_end)
@@ -139,8 +155,14 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
     results = {}
     if cfg.get("testsets"):
         results = evaluate(model, matcher, cfg, cfg["testsets"], out_dir=out, progress=progress)
-    return {"config": cfg, "epochs": epochs, "train_time_s": train_s, "results": results,
-            "model": model.eval(), "matcher": matcher.eval()}
+    return {
+        "config": cfg,
+        "epochs": epochs,
+        "train_time_s": train_s,
+        "results": results,
+        "model": model.eval(),
+        "matcher": matcher.eval(),
+    }
 
 
 def load_trained(path: str | Path, device=None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
@@ -168,8 +190,13 @@ def evaluate(model, matcher, cfg: dict, testsets: str | list[str], out_dir=None,
         result, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress)
         results[name] = result
         if out_dir is not None:
-            row = {"type": "eval", "testset": name, **result.to_dict(), "num_invalid_queries": result.num_invalid,
-                   "time_s": seconds}
+            row = {
+                "type": "eval",
+                "testset": name,
+                **result.to_dict(),
+                "num_invalid_queries": result.num_invalid,
+                "time_s": seconds,
+            }
             append_jsonl(Path(out_dir) / "metrics.jsonl", row)
     if progress and results:
         print(format_table(results))
@@ -186,8 +213,10 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True) -> 
     scores = pairwise_scores(matcher, q, g, cfg["match_batch"], cfg["match_batch"], dev, progress=progress)
     result = evaluate_rank(
         (-scores).numpy(),
-        [r.pid for r in data.query], [r.pid for r in data.gallery],
-        [r.camid for r in data.query], [r.camid for r in data.gallery],
+        [r.pid for r in data.query],
+        [r.pid for r in data.gallery],
+        [r.camid for r in data.query],
+        [r.camid for r in data.gallery],
     )
     return result, time.perf_counter() - start
 

@@ -35,9 +35,7 @@ class EpochSchedule:
         else:
             if epoch == 2:
                 self.base_loss = loss
-            decay = (
-                not self.lr_stepped and self.base_loss is not None and loss < self.step_factor * self.base_loss
-            )
+            decay = not self.lr_stepped and self.base_loss is not None and loss < self.step_factor * self.base_loss
             if decay:
                 self.final_epochs = min(self.max_epochs, epoch + epoch // 2)
         self.lr_stepped = self.lr_stepped or decay

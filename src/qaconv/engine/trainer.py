@@ -112,8 +112,14 @@ class Trainer:
         """QAConv distances (-logit) between one representative image per class."""
         reps = [self.records[i] for i in rep_indices]
         feats = extract_features(
-            self.model, reps, self.height, self.width, batch_size=self.eval_batch,
-            workers=self.workers, device=self.device, progress=False,
+            self.model,
+            reps,
+            self.height,
+            self.width,
+            batch_size=self.eval_batch,
+            workers=self.workers,
+            device=self.device,
+            progress=False,
         )
         scores = pairwise_scores(self.matcher, feats, feats, self.eval_batch, self.eval_batch, self.device)
         return (-scores).numpy()
@@ -176,8 +182,11 @@ class Trainer:
         torch.manual_seed(self.seed * 100003 + epoch)
         self.sampler.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
         )
         start = time.perf_counter()
         losses, accs, skipped, seen = [], [], 0, 0
