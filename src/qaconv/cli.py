@@ -139,6 +139,8 @@ def _add_train_args(p, d: dict) -> None:
         "--lr", default=d["lr"], type=_positive(float), help="learning rate of neck and matcher (backbone 0.1x)"
     )
     g.add_argument("--weight-decay", default=d["weight_decay"], type=float)
+    g.add_argument("--backbone-lr-mult", default=d["backbone_lr_mult"], type=_positive(float),
+                   help="backbone learning rate as a multiple of --lr")
     g.add_argument("--clip", default=d["clip"], type=float, help="gradient-norm clip; <= 0 disables clipping")
     g.add_argument(
         "--step-factor",

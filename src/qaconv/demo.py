@@ -23,7 +23,9 @@ DEMO_OVERRIDES: dict = {
     "neck": 128,
     "batch_size": 32,
     "num_instance": 4,
-    "max_epochs": 4,
+    "max_epochs": 3,
+    "loss": "pairwise",
+    "backbone_lr_mult": 1.0,
     "freeze_backbone_bn": "auto",
     "workers": 0,
 }
@@ -39,7 +41,7 @@ def add_demo_args(p) -> None:
     p.add_argument("--seed", default=0, type=int)
 
 
-def run_demo(out_dir="qaconv_demo", data_dir=None, max_epochs=4, device=None, seed=0, progress=True) -> dict:
+def run_demo(out_dir="qaconv_demo", data_dir=None, max_epochs=3, device=None, seed=0, progress=True) -> dict:
     """Generate domains A and B if absent, train both methods on A, evaluate on A (same domain) and B."""
     start = time.perf_counter()
     out = Path(out_dir)

@@ -33,15 +33,16 @@ def append_jsonl(path: str | Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def make_optimizer(model, criterion, lr: float, weight_decay: float, momentum: float = 0.9):
-    """SGD Nesterov with three groups: backbone at 0.1 x lr, neck and matcher/criterion at lr."""
+def make_optimizer(model, criterion, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1):
+    """SGD Nesterov (momentum 0.9) with three groups: backbone at ``backbone_lr_mult`` x lr, neck and
+    matcher/criterion at lr."""
     groups = [
-        {"params": list(model.base.parameters()), "lr": 0.1 * lr, "name": "backbone"},
+        {"params": list(model.base.parameters()), "lr": backbone_lr_mult * lr, "name": "backbone"},
         {"params": [p for n, p in model.named_parameters() if not n.startswith("base.")], "lr": lr, "name": "neck"},
         {"params": list(criterion.parameters()), "lr": lr, "name": "matcher"},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
 
 
 class Trainer:
@@ -66,6 +67,7 @@ class Trainer:
         sampler: str = "graph",
         lr: float = 0.005,
         weight_decay: float = 5e-4,
+        backbone_lr_mult: float = 0.1,
         clip: float = 8.0,
         step_factor: float = 0.7,
         max_epochs: int = 60,
@@ -102,7 +104,7 @@ class Trainer:
             raise ValueError(f"unknown sampler '{sampler}': choose graph or pk")
         transform = train_transform(height, width) if augment else eval_transform(height, width)
         self.dataset = ImageDataset(self.records, transform)
-        self.optimizer = make_optimizer(model, criterion, lr, weight_decay)
+        self.optimizer = make_optimizer(model, criterion, lr, weight_decay, backbone_lr_mult)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.schedule = EpochSchedule(step_factor=step_factor, max_epochs=max_epochs)
         self.epoch = 0
