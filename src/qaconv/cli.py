@@ -231,8 +231,11 @@ def _cmd_synth(args) -> None:
     from .data.synth import generate_domain
 
     kw = {k: v for k, v in (("num_train_ids", args.train_ids), ("num_test_ids", args.test_ids)) if v is not None}
-    summary = generate_domain(args.domain, args.out, seed=args.seed, height=args.height, width=args.width, **kw)
-    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+    s = generate_domain(args.domain, args.out, seed=args.seed, height=args.height, width=args.width, **kw)
+    print(f"synthetic domain {s['domain']}: {s['description']}")
+    for split, c in s["splits"].items():
+        print(f"  {split:8s} {c['identities']:5d} ids {c['images']:6d} images {c['cameras']:3d} cameras")
+    print(f"wrote {s['images']} images to {s['out_dir']} in {s['elapsed_s']:.1f} s ({s['images_per_s']:.0f} images/s)")
 
 
 def main(argv: list[str] | None = None) -> int:

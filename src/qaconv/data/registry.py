@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,20 +17,14 @@ def synth_folder(domain: str, data_dir: str | Path) -> Path:
 
 def ensure_synth(domain: str, data_dir: str | Path, seed: int = 0, progress: bool = True) -> Path:
     """The synthetic domain's folder under ``data_dir``, generated first if it is absent or partial."""
-    from .synth import DOMAINS, generate_domain
+    from .synth import DOMAINS, generate_domain, is_generated
 
     domain = domain.upper()
     if domain not in DOMAINS:
         raise QAConvError(f"unknown synthetic domain '{domain}': choose from {', '.join(sorted(DOMAINS))}")
     folder = synth_folder(domain, data_dir)
-    meta = folder / "synth.json"
-    if meta.is_file():
-        try:
-            info = json.loads(meta.read_text())
-        except json.JSONDecodeError:
-            info = {}
-        if info.get("domain") == domain and info.get("seed") == seed:
-            return folder
+    if is_generated(folder, domain, seed=seed):
+        return folder
     if progress:
         print(f"generating synthetic domain {domain} into {folder}")
     generate_domain(domain, folder, seed=seed, progress=progress)
