@@ -459,7 +459,7 @@ def render_image(who: Identity, view: str, cam: CameraStyle, spec: DomainSpec, p
     canvas *= F(math.exp(rng.normal(0.0, 0.05)))
     j = cam.jitter
     height = h * 0.9 * math.exp(rng.normal(0.0, j))
-    aspect = math.exp(rng.normal(0.0, 0.08)) * (w / h) / 0.5
+    aspect = 0.85 * math.exp(rng.normal(0.0, 0.08)) * (w / h) / 0.5  # boxes resized to 2:1 widen people
     cx = w / 2 + rng.normal(0.0, j) * w * 0.6
     top = (h - height) / 2 + rng.normal(0.0, j) * h * 0.4
     if rng.random() < cam.cut:
