@@ -79,3 +79,21 @@ def test_unknown_dataset_and_batch_rule(tmp_path, capsys):
 def test_module_entry_point_bad_args():
     res = _run("train", "--max-epochs", "0")
     assert res.returncode == 2 and "must be > 0" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_train_then_evaluate_end_to_end(tiny_domain, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--data-dir", str(tiny_domain.parent), "--workers", "0", "--device", "cpu"]
+    code = main(["train", "--dataset", "synth_A", "--testsets", "synth_A", "-o", str(run), "--arch", "resnet18",
+                 "--ibn", "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16",
+                 "--batch-size", "8", "--num-instance", "2", "--max-epochs", "1", *common])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "rank-1" in out and "synth_A" in out
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoint.pt"}
+    code = main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", *common])
+    again = capsys.readouterr().out
+    assert code == 0
+    # the same model on the same test set gives the same table row
+    row = [line for line in out.splitlines() if line.startswith("synth_A ")][-1]
+    assert row in again.splitlines()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -16,15 +17,20 @@ def synth_folder(domain: str, data_dir: str | Path) -> Path:
 
 
 def ensure_synth(domain: str, data_dir: str | Path, seed: int = 0, progress: bool = True) -> Path:
-    """The synthetic domain's folder under ``data_dir``, generated first if it is absent or partial."""
-    from .synth import DOMAINS, generate_domain, is_generated
+    """The synthetic domain's folder under ``data_dir``, generated (default sizes, ``seed``) first if it
+    is absent or partial; a complete folder made by ``qaconv synth`` with other sizes is used as it is."""
+    from .synth import DOMAINS, META_FILE, PARTIAL_FILE, generate_domain
 
     domain = domain.upper()
     if domain not in DOMAINS:
         raise QAConvError(f"unknown synthetic domain '{domain}': choose from {', '.join(sorted(DOMAINS))}")
     folder = synth_folder(domain, data_dir)
-    if is_generated(folder, domain, seed=seed):
-        return folder
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("domain") == domain and not (folder / PARTIAL_FILE).exists():
+        return folder  # a complete generation of this domain, whatever sizes it was made with
     if progress:
         print(f"generating synthetic domain {domain} into {folder}")
     generate_domain(domain, folder, seed=seed, progress=progress)
