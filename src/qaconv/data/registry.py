@@ -19,7 +19,7 @@ def synth_folder(domain: str, data_dir: str | Path) -> Path:
 def ensure_synth(domain: str, data_dir: str | Path, seed: int = 0, progress: bool = True) -> Path:
     """The synthetic domain's folder under ``data_dir``, generated (default sizes, ``seed``) first if it
     is absent or partial; a complete folder made by ``qaconv synth`` with other sizes is used as it is."""
-    from .synth import DOMAINS, META_FILE, PARTIAL_FILE, generate_domain
+    from .synth import DOMAINS, META_FILE, PARTIAL_FILE, SYNTH_VERSION, generate_domain
 
     domain = domain.upper()
     if domain not in DOMAINS:
@@ -29,8 +29,9 @@ def ensure_synth(domain: str, data_dir: str | Path, seed: int = 0, progress: boo
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, ValueError):
         meta = {}
-    if meta.get("domain") == domain and not (folder / PARTIAL_FILE).exists():
-        return folder  # a complete generation of this domain, whatever sizes it was made with
+    complete = meta.get("domain") == domain and meta.get("version") == SYNTH_VERSION
+    if complete and not (folder / PARTIAL_FILE).exists():
+        return folder  # a complete generation of this domain by this generator version, any sizes
     if progress:
         print(f"generating synthetic domain {domain} into {folder}")
     generate_domain(domain, folder, seed=seed, progress=progress)
