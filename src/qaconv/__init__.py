@@ -1,3 +1,30 @@
-"""qaconv: generalizable person re-identification by explicit local matching."""
+"""qaconv: generalizable person re-identification by explicit local matching (QAConv, QAConv-GS).
+
+The main pieces, importable from here::
+
+    from qaconv import build_backbone, QAConv, evaluate_rank, load_dataset, load_trained
+"""
 
 __version__ = "0.1.0"
+
+from .data.registry import load_dataset
+from .engine.features import extract_features
+from .engine.runner import load_trained
+from .errors import QAConvError
+from .matching import pairwise_scores
+from .metrics import RankResult, evaluate_rank
+from .models import PooledCosine, QAConv, build_backbone, build_matcher
+
+__all__ = [
+    "PooledCosine",
+    "QAConv",
+    "QAConvError",
+    "RankResult",
+    "build_backbone",
+    "build_matcher",
+    "evaluate_rank",
+    "extract_features",
+    "load_dataset",
+    "load_trained",
+    "pairwise_scores",
+]
