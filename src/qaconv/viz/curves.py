@@ -7,21 +7,31 @@ from pathlib import Path
 import numpy as np
 
 
-def plot_cmc(curves: dict[str, np.ndarray], path: str | Path, title: str = "CMC", max_rank: int = 20) -> Path:
-    """Plot each named CMC curve (fractions, cmc[0] = rank-1) up to ``max_rank`` into ``path``."""
+def plot_cmc(
+    curves: dict[str, np.ndarray], path: str | Path, title: str = "CMC", max_rank: int = 20, dashed: tuple = ()
+) -> Path:
+    """Plot each named CMC curve (fractions, cmc[0] = rank-1) up to ``max_rank`` into ``path``; the
+    curves named in ``dashed`` are drawn dashed. Curves share a colour when their labels agree up to
+    the first comma (one colour per method)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    colors: dict[str, str] = {}
     for label, cmc in curves.items():
         n = min(max_rank, len(cmc))
         ranks = np.arange(1, n + 1)
-        ax.plot(ranks, 100 * np.asarray(cmc[:n]), marker="o", markersize=3, label=f"{label} (R1 {100 * cmc[0]:.1f})")
+        style = "--" if label in dashed else "-"
+        ax.plot(
+            ranks, 100 * np.asarray(cmc[:n]), style, marker="o", markersize=3, label=f"{label} (R1 {100 * cmc[0]:.1f})"
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
