@@ -25,9 +25,9 @@ def plot_cmc(
         n = min(max_rank, len(cmc))
         ranks = np.arange(1, n + 1)
         style = "--" if label in dashed else "-"
-        ax.plot(
-            ranks, 100 * np.asarray(cmc[:n]), style, marker="o", markersize=3, label=f"{label} (R1 {100 * cmc[0]:.1f})"
-        )
+        color = colors.setdefault(label.split(",")[0], f"C{len(colors)}")
+        ax.plot(ranks, 100 * np.asarray(cmc[:n]), style, color=color, marker="o", markersize=3,
+                label=f"{label} (R1 {100 * cmc[0]:.1f})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
