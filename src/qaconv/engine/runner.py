@@ -75,6 +75,11 @@ def build_model(cfg: dict, load_weights: bool = True) -> tuple[torch.nn.Module, 
     ibn = None if cfg["ibn"] in (None, "none", "") else cfg["ibn"]
     weights = cfg.get("backbone_weights") or None
     pretrained = None if weights or cfg.get("pretrained") in (None, "none", "") else cfg["pretrained"]
+    if load_weights and pretrained and ibn:
+        raise QAConvError(
+            f"torchvision has no ImageNet weights for IBN-Net-{ibn}: pass --backbone-weights PATH "
+            f"(the official {cfg['arch']}_ibn_{ibn} file), --ibn none, or --pretrained none"
+        )
     model = build_backbone(
         arch=cfg["arch"],
         final_layer=cfg["final_layer"],
