@@ -124,10 +124,10 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     torch.manual_seed(cfg["seed"])
+    model, matcher = build_model(cfg, load_weights=not resume)  # before the data: weight errors come first
     data = load_dataset(cfg["dataset"], cfg["data_dir"], progress=progress)
     if progress:
         print(data.summary())
-    model, matcher = build_model(cfg, load_weights=not resume)
     criterion = build_criterion(cfg, model, matcher, data.num_train_pids)
     trainer = Trainer(
         model,
