@@ -117,8 +117,13 @@ def _add_run_args(p, d: dict) -> None:
 def _add_train_args(p, d: dict) -> None:
     g = p.add_argument_group("training")
     g.add_argument(
-        "-d", "--dataset", default=d["dataset"], help="training set: synth_A, synth_B, or a Market-layout folder"
+        "-d",
+        "--dataset",
+        default=d["dataset"],
+        help="training set: a benchmark (market, duke, cuhk03_np_detected, cuhk03_np_labeled, msmt17, randperson, "
+        "clonedperson), synth_A/B/C, a CSV manifest or a Market-layout folder; comma-separated names are pooled",
     )
+    g.add_argument("--combine-all", action="store_true", help="MSMT17 'all': train on train+val+query+gallery")
     g.add_argument(
         "-o", "--out-dir", default=d["out_dir"], help="output directory (config.yaml, metrics.jsonl, checkpoint.pt)"
     )
@@ -139,8 +144,12 @@ def _add_train_args(p, d: dict) -> None:
         "--lr", default=d["lr"], type=_positive(float), help="learning rate of neck and matcher (backbone 0.1x)"
     )
     g.add_argument("--weight-decay", default=d["weight_decay"], type=float)
-    g.add_argument("--backbone-lr-mult", default=d["backbone_lr_mult"], type=_positive(float),
-                   help="backbone learning rate as a multiple of --lr")
+    g.add_argument(
+        "--backbone-lr-mult",
+        default=d["backbone_lr_mult"],
+        type=_positive(float),
+        help="backbone learning rate as a multiple of --lr",
+    )
     g.add_argument("--clip", default=d["clip"], type=float, help="gradient-norm clip; <= 0 disables clipping")
     g.add_argument(
         "--step-factor",

@@ -7,7 +7,10 @@ import re
 from pathlib import Path
 
 from ..errors import QAConvError
-from .market import ReidDataset, load_market_layout
+from .benchmarks import BENCHMARKS, combine, load_benchmark
+from .market import load_market_layout
+
+BENCHMARK_NAMES = ("market", "duke", "cuhk03_np_detected", "cuhk03_np_labeled", "msmt17", "randperson", "clonedperson")
 
 SYNTH_NAME = re.compile(r"^synth[_-]?([a-z])$", re.IGNORECASE)
 
@@ -38,17 +41,37 @@ def ensure_synth(domain: str, data_dir: str | Path, seed: int = 0, progress: boo
     return folder
 
 
-def load_dataset(name: str, data_dir: str | Path = "data", progress: bool = True) -> ReidDataset:
-    """Records of ``name``: ``synth_A``/``synth_B``/... (generated on first use), a folder name under
-    ``data_dir`` or a path, in Market-1501 layout."""
+def _is_benchmark(name: str) -> bool:
+    return name.strip().lower().replace("-", "_") in BENCHMARKS
+
+
+def load_dataset(name: str, data_dir: str | Path = "data", combine_all: bool = False, progress: bool = True):
+    """Records of ``name``: a benchmark (market, duke, cuhk03_np_detected, cuhk03_np_labeled, msmt17,
+    randperson, clonedperson; usual folder names under ``data_dir``), a synthetic domain ``synth_A``,
+    ``synth_B``, ... (generated on first use), a CSV manifest, or a folder in Market-1501 layout (a name
+    under ``data_dir`` or a path). Several comma-separated names are pooled for multi-source training
+    (identities and cameras made disjoint). ``combine_all`` is MSMT17's "all" setting."""
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    if not names:
+        raise QAConvError("no dataset name given")
+    if len(names) > 1:
+        return combine([load_dataset(n, data_dir, combine_all, progress) for n in names])
     m = SYNTH_NAME.match(name)
     if m:
         folder = ensure_synth(m.group(1), data_dir, progress=progress)
         return load_market_layout(folder, name=f"synth_{m.group(1).upper()}")
+    if _is_benchmark(name):
+        return load_benchmark(name, data_dir, combine_all=combine_all)
+    if combine_all:
+        raise QAConvError(f"--combine-all is only defined for msmt17, not for '{name}'")
     for candidate in (Path(data_dir) / name, Path(name)):
+        if candidate.is_file() and candidate.suffix.lower() == ".csv":
+            from .manifest import load_manifest
+
+            return load_manifest(candidate)
         if candidate.is_dir():
             return load_market_layout(candidate, name=name)
     raise QAConvError(
-        f"dataset '{name}' not found: looked for folder {Path(data_dir) / name} and {Path(name)}; "
-        "use synth_A, synth_B, ... or a folder in Market-1501 layout"
+        f"dataset '{name}' not found: looked for {Path(data_dir) / name} and {Path(name)}; use a benchmark "
+        f"({', '.join(BENCHMARK_NAMES)}), synth_A/synth_B/synth_C, a CSV manifest, or a folder in Market-1501 layout"
     )

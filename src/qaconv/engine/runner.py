@@ -21,6 +21,7 @@ from .trainer import CHECKPOINT, Trainer, append_jsonl
 # Official QAConv-GS (HEAD) defaults, except the data: the embedded synthetic domains.
 DEFAULTS: dict = {
     "dataset": "synth_A",
+    "combine_all": False,
     "testsets": "synth_B",
     "data_dir": "data",
     "out_dir": "runs/qaconv",
@@ -125,8 +126,10 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     torch.manual_seed(cfg["seed"])
     model, matcher = build_model(cfg, load_weights=not resume)  # before the data: weight errors come first
-    data = load_dataset(cfg["dataset"], cfg["data_dir"], progress=progress)
+    data = load_dataset(cfg["dataset"], cfg["data_dir"], combine_all=cfg["combine_all"], progress=progress)
     if progress:
+        if getattr(data, "found", ""):
+            print(data.found)
         print(data.summary())
     criterion = build_criterion(cfg, model, matcher, data.num_train_pids)
     trainer = Trainer(
