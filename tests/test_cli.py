@@ -1,5 +1,6 @@
 """The command line: help states defaults, bad arguments give one line and a non-zero exit."""
 
+import json
 import subprocess
 import sys
 
@@ -97,3 +98,15 @@ def test_train_then_evaluate_end_to_end(tiny_domain, tmp_path, capsys):
     # the same model on the same test set gives the same table row
     row = [line for line in out.splitlines() if line.startswith("synth_A ")][-1]
     assert row in again.splitlines()
+
+
+def test_data_info_prints_splits_and_warnings(tiny_domain, capsys):
+    code = main(["data", "info", "synth_A", "--data-dir", str(tiny_domain.parent)])
+    out = capsys.readouterr().out
+    assert code == 0
+    for split in ("train", "query", "gallery"):
+        assert split in out
+    assert "time" in out and "unreadable images: 0" in out
+    code = main(["data", "info", "synth_A", "--data-dir", str(tiny_domain.parent), "--json", "--no-scan"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["splits"]["train"]["ids"] == 8 and report["has_time"] is True

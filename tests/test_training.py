@@ -110,3 +110,33 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_domain, tmp_path):
     assert lrs[-1][-1] == pytest.approx(cfg["lr"] * 0.1)
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["epoch"] for r in rows if r["type"] == "epoch"] == [1, 2, 3]
+
+
+def _copy_with_broken_image(tiny_domain, tmp_path):
+    import shutil
+
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_domain, root)
+    victim = sorted((root / "bounding_box_train").iterdir())[3]
+    victim.write_bytes(b"")  # a zero-byte file
+    return root, victim
+
+
+def test_unreadable_training_images_are_skipped_and_logged(tiny_domain, tmp_path):
+    root, victim = _copy_with_broken_image(tiny_domain, tmp_path)
+    cfg = _cfg(tiny_domain, tmp_path / "run", dataset=str(root), max_epochs=1, augment=False)
+    run = train(cfg, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    data_row = next(r for r in rows if r["type"] == "data")
+    assert data_row["unreadable_images"] == 1 and data_row["unreadable_examples"] == [str(victim)]
+    assert data_row["train_images"] == len(list((root / "bounding_box_train").iterdir())) - 1
+    assert len(run["epochs"]) == 1
+
+
+def test_strict_stops_at_unreadable_training_images(tiny_domain, tmp_path):
+    from qaconv.errors import QAConvError
+
+    root, victim = _copy_with_broken_image(tiny_domain, tmp_path)
+    cfg = _cfg(tiny_domain, tmp_path / "run", dataset=str(root), max_epochs=1, strict=True)
+    with pytest.raises(QAConvError, match=f"1 unreadable training image.*{victim.name}.*--strict"):
+        train(cfg, progress=False)

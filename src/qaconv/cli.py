@@ -165,6 +165,9 @@ def _add_train_args(p, d: dict) -> None:
         help="keep backbone BN statistics frozen: true, false, or auto (true with pretrained weights)",
     )
     g.add_argument("--augment", default=d["augment"], type=_bool, help="official augmentations")
+    g.add_argument(
+        "--strict", action="store_true", help="stop at the first unreadable training image instead of skipping it"
+    )
     g.add_argument("--seed", default=d["seed"], type=int)
     g.add_argument(
         "--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt with its saved configuration"
@@ -199,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", formatter_class=FORMATTER, help="evaluate a trained checkpoint on test sets")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder) written by 'qaconv train'")
     _add_run_args(p, DEFAULTS)
+
+    p = sub.add_parser("data", formatter_class=FORMATTER, help="inspect datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    q = data_sub.add_parser(
+        "info", formatter_class=FORMATTER, help="per-split statistics, protocol warnings, bad files"
+    )
+    q.add_argument("name", help="dataset name, CSV manifest or Market-layout folder")
+    q.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="folder holding the datasets")
+    q.add_argument("--combine-all", action="store_true", help="MSMT17 'all' setting")
+    q.add_argument("--no-scan", action="store_true", help="skip checking that every image file can be read")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("synth", formatter_class=FORMATTER, help="write a synthetic domain in Market-1501 layout")
     p.add_argument("--domain", default="A", help="domain name (A, B, ...)")
@@ -236,6 +250,30 @@ def _cmd_evaluate(args) -> None:
     evaluate(model, matcher, cfg, args.testsets)
 
 
+def _cmd_data(args) -> None:
+    import json
+
+    from .data.images import scan_images
+    from .data.registry import load_dataset
+    from .data.validate import format_info, protocol_report
+
+    data = load_dataset(args.name, args.data_dir, combine_all=args.combine_all)
+    report = protocol_report(data)
+    if not args.no_scan:
+        bad = scan_images(data.train + data.query + data.gallery, progress=not args.json)
+        report["unreadable_images"] = len(bad)
+        report["unreadable_examples"] = bad[:5]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    if getattr(data, "found", ""):
+        print(data.found)
+    print(format_info(data, report))
+    if not args.no_scan:
+        examples = "".join(f"\n  {p}" for p in report["unreadable_examples"])
+        print(f"unreadable images: {report['unreadable_images']}{examples}")
+
+
 def _cmd_synth(args) -> None:
     from .data.synth import generate_domain
 
@@ -250,7 +288,7 @@ def _cmd_synth(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "evaluate": _cmd_evaluate, "synth": _cmd_synth}
+    commands = {"train": _cmd_train, "evaluate": _cmd_evaluate, "synth": _cmd_synth, "data": _cmd_data}
     try:
         if args.command == "demo":
             from .demo import run_demo_from_args

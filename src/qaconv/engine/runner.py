@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from ..data.registry import load_dataset
+from ..data.validate import check_evaluable
 from ..errors import QAConvError
 from ..losses import ClassMemoryLoss, PairwiseMatchingLoss, TripletLoss
 from ..matching import pairwise_scores, pick_device
@@ -50,6 +51,7 @@ DEFAULTS: dict = {
     "max_epochs": 60,
     "freeze_backbone_bn": "auto",
     "augment": True,
+    "strict": False,
     "workers": 2,
     "seed": 0,
     "device": None,
@@ -151,6 +153,7 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
         max_epochs=cfg["max_epochs"],
         freeze_backbone_bn=_freeze_bn(cfg),
         augment=cfg["augment"],
+        strict=cfg.get("strict", False),
         workers=cfg["workers"],
         device=cfg["device"],
         seed=cfg["seed"],
@@ -216,6 +219,12 @@ def evaluate(model, matcher, cfg: dict, testsets: str | list[str], out_dir=None,
 def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True) -> tuple[RankResult, float]:
     """CMC/mAP/mINP of ``model`` + ``matcher`` on one dataset's query/gallery split, and seconds taken."""
     start = time.perf_counter()
+    not_evaluable = check_evaluable(data.query, data.gallery)
+    if not_evaluable and progress:
+        print(
+            f"{data.name}: {not_evaluable} of {len(data.query)} queries have no gallery image of their identity "
+            "from another camera; they are left out of CMC/mAP/mINP"
+        )
     dev = pick_device(cfg.get("device"))
     kw = dict(batch_size=cfg["fea_batch"], workers=cfg.get("workers", 0), device=dev, progress=progress)
     q = extract_features(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)

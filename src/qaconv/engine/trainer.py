@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import ImageDataset
+from ..data.images import ImageDataset, collate_skip_bad, scan_images
 from ..data.records import Record
 from ..data.samplers import GraphSampler, RandomIdentitySampler
 from ..data.transforms import eval_transform, train_transform
@@ -45,6 +45,23 @@ def make_optimizer(model, criterion, lr: float, weight_decay: float, backbone_lr
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
 
 
+def _drop_unreadable(records: list[Record], strict: bool, progress: bool) -> tuple[list[Record], list[str]]:
+    """Check every training image once up front; drop unreadable ones (or, with ``strict``, stop)."""
+    bad = scan_images(records, progress=progress)
+    if not bad:
+        return records, []
+    examples = ", ".join(bad[:3])
+    if strict:
+        raise QAConvError(f"{len(bad)} unreadable training image(s), e.g. {examples}; fix them or drop --strict")
+    if progress:
+        print(f"skipping {len(bad)} unreadable training image(s), e.g. {examples}")
+    bad_set = set(bad)
+    kept = [r for r in records if r.path not in bad_set]
+    if not kept:
+        raise QAConvError("no readable training images")
+    return kept, bad
+
+
 class Trainer:
     """Trains ``model`` (images -> feature maps) with ``criterion`` on ``records``.
 
@@ -73,6 +90,7 @@ class Trainer:
         max_epochs: int = 60,
         freeze_backbone_bn: bool = True,
         augment: bool = True,
+        strict: bool = False,
         amp: bool | None = None,
         workers: int = 0,
         device: str | torch.device | None = None,
@@ -87,7 +105,7 @@ class Trainer:
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.matcher = matcher.to(self.device)
         self.criterion = criterion.to(self.device)
-        self.records = list(records)
+        self.records, self.unreadable = _drop_unreadable(list(records), strict, progress)
         self.out_dir = Path(out_dir)
         self.height, self.width = height, width
         self.clip, self.seed, self.workers = clip, seed, workers
@@ -103,7 +121,8 @@ class Trainer:
         else:
             raise ValueError(f"unknown sampler '{sampler}': choose graph or pk")
         transform = train_transform(height, width) if augment else eval_transform(height, width)
-        self.dataset = ImageDataset(self.records, transform)
+        self.strict = strict
+        self.dataset = ImageDataset(self.records, transform, skip_bad=not strict)
         self.optimizer = make_optimizer(model, criterion, lr, weight_decay, backbone_lr_mult)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.schedule = EpochSchedule(step_factor=step_factor, max_epochs=max_epochs)
@@ -188,12 +207,17 @@ class Trainer:
             batch_sampler=self.sampler,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            collate_fn=None if self.strict else collate_skip_bad,
         )
         start = time.perf_counter()
-        losses, accs, skipped, seen = [], [], 0, 0
+        losses, accs, skipped, seen, bad = [], [], 0, 0, 0
         bar = tqdm(total=len(self.sampler), desc=f"epoch {epoch}", disable=not self.progress, leave=False)
-        for images, targets, *_ in loader:
+        for images, targets, *rest in loader:
+            bad += int(rest[2]) if len(rest) == 3 else 0  # unreadable images dropped from this batch
+            if len(images) < 2:
+                skipped += 1
+                bar.update(1)
+                continue
             self._set_train_mode()
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             loss, acc = self._step(images, targets.to(self.device))
@@ -220,6 +244,7 @@ class Trainer:
             "lr": [g["lr"] for g in self.optimizer.param_groups],
             "batches": len(losses) + skipped,
             "skipped_batches": skipped,
+            "bad_images": bad,
             "images_per_s": seen / elapsed,
             "time_s": elapsed,
         }
@@ -232,6 +257,16 @@ class Trainer:
             self.load_state_dict(load_checkpoint(ckpt_path, map_location=self.device))
             if self.progress:
                 print(f"resumed from {ckpt_path} after epoch {self.epoch}")
+        append_jsonl(
+            self.out_dir / "metrics.jsonl",
+            {
+                "type": "data",
+                "train_images": len(self.records),
+                "unreadable_images": len(self.unreadable),
+                "unreadable_examples": self.unreadable[:10],
+                "resumed_after_epoch": self.epoch if resume else None,
+            },
+        )
         rows = []
         while not self.schedule.done(self.epoch):
             epoch = self.epoch + 1
@@ -253,6 +288,8 @@ class Trainer:
                     f"lr {row['lr'][0]:.2g} {row['images_per_s']:.0f} img/s"
                     + (" (lr decayed x0.1)" if row.get("lr_decayed") else "")
                 )
+            if row["bad_images"] and self.progress:
+                print(f"epoch {epoch}: skipped {row['bad_images']} unreadable images (use --strict to stop instead)")
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
         return rows
