@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from .errors import QAConvError
 
@@ -114,6 +115,27 @@ def _add_run_args(p, d: dict) -> None:
     )
 
 
+def _add_post_args(p, d: dict) -> None:
+    g = p.add_argument_group("post-processing (scores mapped to sigma(logit/10) similarities first)")
+    g.add_argument("--rerank", action="store_true", help="add k-reciprocal re-ranking rows (+RR, +RR+TLift)")
+    g.add_argument("--tlift", action="store_true", help="add TLift rows on test sets with time stamps")
+    g.add_argument("--save-scores", action="store_true", help="write raw/re-ranked/lifted scores as .npz and .mat")
+    g.add_argument("--k1", default=d["k1"], type=_positive(int), help="re-ranking k1")
+    g.add_argument("--k2", default=d["k2"], type=_positive(int), help="re-ranking k2 (query expansion)")
+    g.add_argument(
+        "--lambda-value", default=d["lambda_value"], type=float, help="re-ranking weight of the original distance"
+    )
+    g.add_argument("--tau", default=d["tau"], type=_positive(float), help="TLift co-occurrence window (s)")
+    g.add_argument("--sigma", default=d["sigma"], type=_positive(float), help="TLift Gaussian width (s)")
+    g.add_argument(
+        "--tlift-k", default=d["tlift_k"], type=_positive(int), help="TLift K: pivots per co-occurring group"
+    )
+    g.add_argument("--alpha", default=d["alpha"], type=float, help="TLift regulariser")
+
+
+POST_KEYS = ("rerank", "tlift", "save_scores", "k1", "k2", "lambda_value", "tau", "sigma", "tlift_k", "alpha")
+
+
 def _add_train_args(p, d: dict) -> None:
     g = p.add_argument_group("training")
     g.add_argument(
@@ -198,10 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, DEFAULTS)
     _add_model_args(p, DEFAULTS)
     _add_run_args(p, DEFAULTS)
+    _add_post_args(p, DEFAULTS)
 
     p = sub.add_parser("evaluate", formatter_class=FORMATTER, help="evaluate a trained checkpoint on test sets")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder) written by 'qaconv train'")
+    p.add_argument(
+        "-o", "--out-dir", default=None, help="where --save-scores writes (default: the checkpoint's folder)"
+    )
     _add_run_args(p, DEFAULTS)
+    _add_post_args(p, DEFAULTS)
 
     p = sub.add_parser("data", formatter_class=FORMATTER, help="inspect datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
@@ -244,10 +271,13 @@ def _cmd_evaluate(args) -> None:
         device=args.device,
         fea_batch=args.fea_batch,
         match_batch=args.match_batch,
+        **{k: getattr(args, k) for k in POST_KEYS},
     )
     if not args.testsets:
         raise QAConvError("no test sets given: pass --testsets NAME[,NAME...]")
-    evaluate(model, matcher, cfg, args.testsets)
+    ckpt = Path(args.checkpoint)
+    out_dir = args.out_dir or (ckpt if ckpt.is_dir() else ckpt.parent)
+    evaluate(model, matcher, cfg, args.testsets, out_dir=out_dir if args.save_scores else None)
 
 
 def _cmd_data(args) -> None:

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from .data.registry import ensure_synth
-from .engine.runner import DEFAULTS, evaluate, format_table, train
+from .engine.evaluator import evaluate, format_table
+from .engine.runner import DEFAULTS, train
 from .viz.curves import plot_cmc
 
 # Small, CPU-friendly settings; everything else is the official QAConv-GS recipe.

@@ -9,14 +9,12 @@ import torch
 import yaml
 
 from ..data.registry import load_dataset
-from ..data.validate import check_evaluable
 from ..errors import QAConvError
 from ..losses import ClassMemoryLoss, PairwiseMatchingLoss, TripletLoss
-from ..matching import pairwise_scores, pick_device
-from ..metrics import RankResult, evaluate_rank
+from ..matching import pick_device
 from ..models import build_backbone, build_matcher
 from .checkpoint import load_checkpoint
-from .features import extract_features
+from .evaluator import POST_DEFAULTS, evaluate
 from .trainer import CHECKPOINT, Trainer, append_jsonl
 
 # Official QAConv-GS (HEAD) defaults, except the data: the embedded synthetic domains.
@@ -57,6 +55,7 @@ DEFAULTS: dict = {
     "device": None,
     "fea_batch": 128,
     "match_batch": 128,
+    **POST_DEFAULTS,
 }
 
 MODEL_KEYS = ("arch", "final_layer", "ibn", "neck", "input_norm", "height", "width", "matcher", "qaconv_version")
@@ -192,61 +191,3 @@ def load_trained(path: str | Path, device=None) -> tuple[torch.nn.Module, torch.
         raise QAConvError(f"checkpoint {path} does not fit its own config: {str(exc).splitlines()[0]}") from None
     dev = pick_device(device)
     return model.to(dev).eval(), matcher.to(dev).eval(), cfg
-
-
-def evaluate(model, matcher, cfg: dict, testsets: str | list[str], out_dir=None, progress=True) -> dict:
-    """Evaluate on each named test set; prints a table and logs one metrics.jsonl row per set."""
-    names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
-    results: dict[str, RankResult] = {}
-    for name in filter(None, names):
-        data = load_dataset(name, cfg["data_dir"], progress=progress)
-        result, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress)
-        results[name] = result
-        if out_dir is not None:
-            row = {
-                "type": "eval",
-                "testset": name,
-                **result.to_dict(),
-                "num_invalid_queries": result.num_invalid,
-                "time_s": seconds,
-            }
-            append_jsonl(Path(out_dir) / "metrics.jsonl", row)
-    if progress and results:
-        print(format_table(results))
-    return results
-
-
-def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True) -> tuple[RankResult, float]:
-    """CMC/mAP/mINP of ``model`` + ``matcher`` on one dataset's query/gallery split, and seconds taken."""
-    start = time.perf_counter()
-    not_evaluable = check_evaluable(data.query, data.gallery)
-    if not_evaluable and progress:
-        print(
-            f"{data.name}: {not_evaluable} of {len(data.query)} queries have no gallery image of their identity "
-            "from another camera; they are left out of CMC/mAP/mINP"
-        )
-    dev = pick_device(cfg.get("device"))
-    kw = dict(batch_size=cfg["fea_batch"], workers=cfg.get("workers", 0), device=dev, progress=progress)
-    q = extract_features(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)
-    g = extract_features(model, data.gallery, cfg["height"], cfg["width"], desc=f"{data.name} gallery", **kw)
-    scores = pairwise_scores(matcher, q, g, cfg["match_batch"], cfg["match_batch"], dev, progress=progress)
-    result = evaluate_rank(
-        (-scores).numpy(),
-        [r.pid for r in data.query],
-        [r.pid for r in data.gallery],
-        [r.camid for r in data.query],
-        [r.camid for r in data.gallery],
-    )
-    return result, time.perf_counter() - start
-
-
-def format_table(results: dict, title: str = "test set") -> str:
-    """Rank-1/5/10, mAP and mINP (in %) per row."""
-    width = max(len(title), *(len(k) for k in results))
-    lines = [f"{title:<{width}}  rank-1  rank-5  rank-10    mAP    mINP"]
-    for name, r in results.items():
-        lines.append(
-            f"{name:<{width}}  {100 * r.cmc[0]:6.1f}  {100 * r.cmc[4]:6.1f}  {100 * r.cmc[9]:7.1f}  "
-            f"{100 * r.mAP:5.1f}  {100 * r.mINP:6.1f}"
-        )
-    return "\n".join(lines)
