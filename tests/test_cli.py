@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from qaconv.cli import main
@@ -110,3 +111,30 @@ def test_data_info_prints_splits_and_warnings(tiny_domain, capsys):
     code = main(["data", "info", "synth_A", "--data-dir", str(tiny_domain.parent), "--json", "--no-scan"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["splits"]["train"]["ids"] == 8 and report["has_time"] is True
+
+
+def test_evaluate_with_rerank_tlift_and_saved_scores(tiny_domain, tmp_path, capsys):
+    from scipy.io import loadmat
+
+    run = tmp_path / "run"
+    common = ["--data-dir", str(tiny_domain.parent), "--workers", "0", "--device", "cpu"]
+    assert main(["train", "--dataset", "synth_A", "--testsets", "", "-o", str(run), "--arch", "resnet18", "--ibn",
+                 "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16", "--batch-size",
+                 "8", "--num-instance", "2", "--max-epochs", "1", *common]) == 0
+    capsys.readouterr()
+    code = main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--rerank", "--tlift",
+                 "--save-scores", "--k1", "5", "--k2", "2", *common])
+    out = capsys.readouterr().out
+    assert code == 0
+    for label in ("synth_A ", "synth_A +TLift", "synth_A +RR ", "synth_A +RR+TLift"):
+        assert label in out
+    saved = np.load(run / "synth_A_scores.npz")
+    assert set(saved.files) >= {"score", "score_tlift", "score_rr", "score_rr_tlift", "query_ids", "gallery_files"}
+    q, g = len(saved["query_ids"]), len(saved["gallery_ids"])
+    assert saved["score"].shape == saved["score_rr_tlift"].shape == (q, g)
+    mat = loadmat(run / "synth_A_scores.mat")
+    np.testing.assert_allclose(mat["score_tlift"], saved["score_tlift"])
+    # the plain row of the table equals the table of an evaluation without post-processing
+    assert main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", *common]) == 0
+    plain = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("synth_A ")]
+    assert plain[0] in [line.split() for line in out.splitlines()]
