@@ -108,3 +108,12 @@ def test_properties(seed, n_q, n_g):
     # relabelling cameras changes nothing
     out_r = tlift(score, q_cams * 3 + 1, q_times, g_cams * 3 + 1, g_times, k=3)
     np.testing.assert_allclose(out_r, out, rtol=1e-12)
+
+
+def test_all_scores_tied():
+    rng = np.random.default_rng(7)
+    _, q_cams, q_times, g_cams, g_times = _random_case(rng, 15, 40, [0, 1], [0, 1])
+    score = np.full((15, 40), 0.5)
+    for k in (1, 10):
+        np.testing.assert_allclose(tlift(score, q_cams, q_times, g_cams, g_times, k=k),
+                                   tlift_loop(score, q_cams, q_times, g_cams, g_times, k=k), rtol=1e-12)

@@ -44,7 +44,10 @@ def top_m(rows: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     lt = rows < thr
     need = m - lt.sum(axis=1, keepdims=True)
     eq = rows == thr
-    take = lt | (eq & (np.cumsum(eq, axis=1) <= need))
+    take = lt | eq
+    tied = np.flatnonzero(eq.sum(axis=1) > need[:, 0])  # rows where only the first `need` ties may enter
+    if len(tied):
+        take[tied] = lt[tied] | (eq[tied] & (np.cumsum(eq[tied], axis=1) <= need[tied]))
     idx = np.nonzero(take)[1].reshape(b, m)  # in index order
     val = np.take_along_axis(rows, idx, axis=1)
     order = np.argsort(val, axis=1, kind="stable")

@@ -14,6 +14,7 @@ block with numpy, in probe chunks so that memory stays bounded at Market size an
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 __all__ = ["tlift", "co_occurrence_windows"]
 
@@ -38,19 +39,19 @@ def _block_weights(s: np.ndarray, tp: np.ndarray, tg: np.ndarray, tau: float, si
     """Weights w [P_c, G_c] for the probes of one camera (sorted by time ``tp``) against one gallery camera.
 
     ``s`` [P_c, G_c] holds the scores of those probes against that camera's gallery (float64).
+    Pivots are found from every row's k largest entries (an entry >= the threshold lies there unless it
+    ties with the threshold; rows whose whole top-k clears the threshold are re-scanned in full), and the
+    weights are ``counts @ kernel`` with a sparse pivot-count matrix, so the cost is ~#pivots x G_c.
     """
     n_p, n_g = s.shape
     lo, hi = co_occurrence_windows(tp, tau)
     wmax = int((hi - lo).max())
-    # Top-min(k, n_g) scores of every probe row: the k-th largest over a union of rows only ever
-    # involves each row's k largest values.
     kk = min(k, n_g)
-    top = np.partition(s, n_g - kk, axis=1)[:, n_g - kk:]
+    top_idx = np.argpartition(s, n_g - kk, axis=1)[:, n_g - kk :]  # each row's kk largest (unordered)
+    top = np.take_along_axis(s, top_idx, axis=1)
     row_min = s.min(axis=1)
-    # Gaussian kernel between gallery times of this camera: kern[a, b] = exp(-(t_a - t_b)^2 / sigma^2).
-    kern = np.exp(-np.square(tg[:, None] - tg[None, :]) / (sigma * sigma))
     w = np.empty((n_p, n_g), dtype=np.float64)
-    step = max(1, _CHUNK_ELEMS // max(1, wmax * max(n_g, kk)))
+    step = max(1, min(_CHUNK_ELEMS // max(1, wmax * kk), _CHUNK_ELEMS // n_g))
     offs = np.arange(wmax)
     for a in range(0, n_p, step):
         b = min(n_p, a + step)
@@ -60,16 +61,36 @@ def _block_weights(s: np.ndarray, tp: np.ndarray, tg: np.ndarray, tau: float, si
         co = inside & (np.abs(tp[idx] - tp[a:b, None]) < tau)  # exact official predicate
         n_co = co.sum(axis=1)  # >= 1: a probe co-occurs with itself
         # Threshold: k-th largest of all co-occurring scores if there are more than k values, else the smallest.
-        cand = np.where(co[:, :, None], top[idx], -np.inf).reshape(b - a, -1)
-        many = n_co * n_g > k
+        topv = top[idx]  # [b-a, wmax, kk]
         thr = np.where(co, row_min[idx], np.inf).min(axis=1)
+        many = n_co * n_g > k
         if many.any():
-            part = np.partition(cand[many], cand.shape[1] - k, axis=1)[:, cand.shape[1] - k]
-            thr[many] = part
-        # Pivot counts: cnt[i, g] = #{co-occurring probes j of i with s[j, g] >= thr_i}.
-        ge = s[idx] >= thr[:, None, None]  # [b-a, wmax, n_g]
-        cnt = (ge & co[:, :, None]).sum(axis=1, dtype=np.float64)
-        w[a:b] = (cnt @ kern) / cnt.sum(axis=1, keepdims=True)
+            cand = np.where(co[:, :, None], topv, -np.inf)[many].reshape(int(many.sum()), -1)
+            thr[many] = np.partition(cand, cand.shape[1] - k, axis=1)[:, cand.shape[1] - k]
+        # Pivots: (probe i, gallery g) once per co-occurring probe j with s[j, g] >= thr_i.
+        ge = co[:, :, None] & (topv >= thr[:, None, None])
+        pi, pw, pk = np.nonzero(ge)
+        piv_i, piv_g = [pi], [top_idx[idx[pi, pw], pk]]
+        if kk < n_g:  # ties with the threshold may lie outside a row's top-kk
+            fi, fw = np.nonzero(ge.all(axis=2))
+            fstep = max(1, _CHUNK_ELEMS // n_g)
+            for c in range(0, len(fi), fstep):
+                ii, jj = fi[c : c + fstep], idx[fi[c : c + fstep], fw[c : c + fstep]]
+                extra = s[jj] >= thr[ii, None]
+                extra[np.arange(len(ii))[:, None], top_idx[jj]] = False  # already counted
+                ei, eg = np.nonzero(extra)
+                piv_i.append(ii[ei])
+                piv_g.append(eg)
+        piv_i, piv_g = np.concatenate(piv_i), np.concatenate(piv_g)
+        used, col = np.unique(piv_g, return_inverse=True)
+        cnt = sp.csr_matrix((np.ones(len(piv_i)), (piv_i, col)), shape=(b - a, len(used)))
+        total = np.asarray(cnt.sum(axis=1))
+        ustep = max(1, _CHUNK_ELEMS // n_g)
+        acc = np.zeros((b - a, n_g), dtype=np.float64)
+        for u in range(0, len(used), ustep):
+            kern = np.exp(-np.square(tg[used[u : u + ustep], None] - tg[None, :]) / (sigma * sigma))
+            acc += cnt[:, u : u + ustep] @ kern
+        w[a:b] = acc / total
     return w
 
 
