@@ -14,6 +14,8 @@ from .errors import QAConvError
 from .matching import pairwise_scores
 from .metrics import RankResult, evaluate_rank
 from .models import PooledCosine, QAConv, build_backbone, build_matcher
+from .rerank import k_reciprocal, k_reciprocal_knn
+from .tlift import tlift
 
 __all__ = [
     "PooledCosine",
@@ -24,7 +26,10 @@ __all__ = [
     "build_matcher",
     "evaluate_rank",
     "extract_features",
+    "k_reciprocal",
+    "k_reciprocal_knn",
     "load_dataset",
     "load_trained",
     "pairwise_scores",
+    "tlift",
 ]
