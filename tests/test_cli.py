@@ -138,3 +138,19 @@ def test_evaluate_with_rerank_tlift_and_saved_scores(tiny_domain, tmp_path, caps
     assert main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", *common]) == 0
     plain = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("synth_A ")]
     assert plain[0] in [line.split() for line in out.splitlines()]
+
+
+def test_rerank_from_knn_lists_equals_dense_in_evaluation(tiny_domain, tmp_path):
+    """The memory-bounded re-ranking path (forced by a tiny threshold) gives the dense path's metrics."""
+    from qaconv.engine.evaluator import evaluate
+    from qaconv.engine.runner import DEFAULTS, build_model
+
+    cfg = {**DEFAULTS, "arch": "resnet18", "ibn": None, "pretrained": None, "height": 64, "width": 32, "neck": 16,
+           "data_dir": str(tiny_domain.parent), "workers": 0, "device": "cpu", "rerank": True, "k1": 5, "k2": 2,
+           "fea_batch": 16, "match_batch": 7}
+    model, matcher = build_model(cfg)
+    model.eval(), matcher.eval()
+    dense = evaluate(model, matcher, cfg, "synth_A", progress=False)
+    knn = evaluate(model, matcher, {**cfg, "rerank_dense_max": 0}, "synth_A", progress=False)
+    np.testing.assert_allclose(knn["synth_A +RR"].cmc, dense["synth_A +RR"].cmc)
+    assert abs(knn["synth_A +RR"].mAP - dense["synth_A +RR"].mAP) < 1e-6

@@ -125,6 +125,12 @@ def _add_post_args(p, d: dict) -> None:
     g.add_argument(
         "--lambda-value", default=d["lambda_value"], type=float, help="re-ranking weight of the original distance"
     )
+    g.add_argument(
+        "--rerank-dense-max",
+        default=d["rerank_dense_max"],
+        type=int,
+        help="re-rank densely up to this many query+gallery images, from kNN lists (bounded memory) above",
+    )
     g.add_argument("--tau", default=d["tau"], type=_positive(float), help="TLift co-occurrence window (s)")
     g.add_argument("--sigma", default=d["sigma"], type=_positive(float), help="TLift Gaussian width (s)")
     g.add_argument(
@@ -133,7 +139,19 @@ def _add_post_args(p, d: dict) -> None:
     g.add_argument("--alpha", default=d["alpha"], type=float, help="TLift regulariser")
 
 
-POST_KEYS = ("rerank", "tlift", "save_scores", "k1", "k2", "lambda_value", "tau", "sigma", "tlift_k", "alpha")
+POST_KEYS = (
+    "rerank",
+    "tlift",
+    "save_scores",
+    "k1",
+    "k2",
+    "lambda_value",
+    "rerank_dense_max",
+    "tau",
+    "sigma",
+    "tlift_k",
+    "alpha",
+)
 
 
 def _add_train_args(p, d: dict) -> None:

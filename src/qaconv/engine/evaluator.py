@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
@@ -28,6 +29,7 @@ POST_DEFAULTS: dict = {
     "sigma": 200.0,
     "tlift_k": 10,
     "alpha": 0.2,
+    "rerank_dense_max": 30000,  # above this many query+gallery images, re-rank from kNN lists (bounded memory)
 }
 
 
@@ -37,9 +39,40 @@ def logit_to_similarity(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / 10.0))
 
 
-def postprocess(s_qg, data, cfg: dict, self_scores=None, progress: bool = True) -> dict[str, np.ndarray]:
+def rerank_distances(s_qg: np.ndarray, score_fn, num_query: int, opts: dict) -> np.ndarray:
+    """k-reciprocal re-ranked [Q, G] distances, with distance = 1 - sigma(logit / 10).
+
+    ``score_fn(rows, cols)`` returns the logits between two index ranges/arrays of the stacked
+    query+gallery set. Up to ``rerank_dense_max`` images the dense form is used; beyond, neighbour lists
+    are streamed column block by column block, so memory stays O(N * k1) plus the [Q, G] output."""
+    from ..rerank import k_reciprocal, k_reciprocal_knn, knn_lists
+
+    def dist(logits):
+        return 1.0 - logit_to_similarity(logits)
+
+    q, n = num_query, num_query + s_qg.shape[1]
+    kw = dict(k1=opts["k1"], k2=opts["k2"], lambda_value=opts["lambda_value"])
+    if n <= opts["rerank_dense_max"]:
+        d_qq, d_gg = dist(score_fn(slice(0, q), slice(0, q))), dist(score_fn(slice(q, n), slice(q, n)))
+        return k_reciprocal(dist(s_qg), d_qq, d_gg, **kw)
+    every = slice(0, n)
+    lists = knn_lists(lambda a, b: dist(score_fn(every, slice(a, b))), n, max(opts["k1"] + 1, opts["k2"]))
+
+    def pair_dist(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        out = np.empty(len(rows), dtype=np.float64)
+        for r in np.unique(rows):
+            sel = np.flatnonzero(rows == r)
+            out[sel] = dist(score_fn(np.array([r]), cols[sel]))[0]
+        return out
+
+    nn_index, nn_dist, col_max = lists
+    return k_reciprocal_knn(nn_index, nn_dist, dist(s_qg), col_max, pair_dist=pair_dist, **kw)
+
+
+def postprocess(s_qg, data, cfg: dict, score_fn=None, progress: bool = True) -> dict[str, np.ndarray]:
     """Distance matrices [Q, G] to evaluate: '' (QAConv: -logit), and when asked and possible '+TLift',
-    '+RR', '+RR+TLift'. ``self_scores()`` returns the (query-query, gallery-gallery) logits for re-ranking."""
+    '+RR', '+RR+TLift'. ``score_fn(rows, cols)`` gives logits within the stacked query+gallery set
+    (needed for re-ranking)."""
     opts = {**POST_DEFAULTS, **cfg}
     rows = {"": -s_qg}
     use_tlift = opts["tlift"] and data.has_time
@@ -71,17 +104,7 @@ def postprocess(s_qg, data, cfg: dict, self_scores=None, progress: bool = True) 
     if use_tlift:
         rows["+TLift"] = 1.0 - lift(sim_qg)
     if opts["rerank"]:
-        from ..rerank import k_reciprocal
-
-        s_qq, s_gg = self_scores()
-        d_rr = k_reciprocal(
-            1.0 - sim_qg,
-            1.0 - logit_to_similarity(s_qq),
-            1.0 - logit_to_similarity(s_gg),
-            k1=opts["k1"],
-            k2=opts["k2"],
-            lambda_value=opts["lambda_value"],
-        )
+        d_rr = rerank_distances(s_qg, score_fn, len(data.query), opts)
         rows["+RR"] = d_rr
         if use_tlift:
             rows["+RR+TLift"] = 1.0 - lift(1.0 - d_rr)
@@ -108,6 +131,19 @@ def save_scores(path_stem: Path, rows: dict[str, np.ndarray], data) -> list[Path
     return [npz, mat]
 
 
+def _take(q: torch.Tensor, g: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """Rows ``idx`` of the virtual stack [q; g]: a view for a contiguous range inside one part."""
+    n_q = len(q)
+    if len(idx) and np.all(np.diff(idx) == 1) and (idx[-1] < n_q or idx[0] >= n_q):
+        part, start = (q, idx[0]) if idx[-1] < n_q else (g, idx[0] - n_q)
+        return part[start : start + len(idx)]
+    out = torch.empty((len(idx), *q.shape[1:]), dtype=q.dtype)
+    in_q = idx < n_q
+    out[torch.from_numpy(in_q)] = q[torch.from_numpy(idx[in_q])]
+    out[torch.from_numpy(~in_q)] = g[torch.from_numpy(idx[~in_q] - n_q)]
+    return out
+
+
 def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out_dir=None):
     """Metrics per post-processing row ('' = plain QAConv) on one test set, and the seconds taken."""
     start = time.perf_counter()
@@ -124,13 +160,18 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
     chunk = cfg["match_batch"]
     s_qg = pairwise_scores(matcher, q, g, chunk, chunk, dev, progress=progress).numpy()
 
-    def self_scores():
-        return (
-            pairwise_scores(matcher, q, q, chunk, chunk, dev, progress=progress).numpy(),
-            pairwise_scores(matcher, g, g, chunk, chunk, dev, progress=progress).numpy(),
-        )
+    def score_fn(rows, cols) -> np.ndarray:
+        """Logits between index sets (slices or arrays) of the query+gallery stack, without stacking."""
+        r, c = np.arange(len(q) + len(g))[rows], np.arange(len(q) + len(g))[cols]
+        out = np.empty((len(r), len(c)), dtype=np.float32)
+        gal = _take(q, g, c)
+        for mask in (r < len(q), r >= len(q)):
+            if mask.any():
+                prob = _take(q, g, r[mask])
+                out[mask] = pairwise_scores(matcher, prob, gal, chunk, chunk, dev, progress=progress).numpy()
+        return out
 
-    rows = postprocess(s_qg, data, cfg, self_scores, progress=progress)
+    rows = postprocess(s_qg, data, cfg, score_fn, progress=progress)
     ids = (
         [r.pid for r in data.query],
         [r.pid for r in data.gallery],
