@@ -122,7 +122,8 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
         changed = {k: v for k, v in cfg.items() if k in saved and saved[k] != v and k in MODEL_KEYS}
         if changed and progress:
             print(f"resuming with the saved configuration; ignoring changed options {sorted(changed)}")
-        cfg = {**saved, **{k: cfg[k] for k in ("workers", "device", "testsets") if k in cfg}}
+        runtime = ("workers", "device", "testsets", "data_dir", *POST_DEFAULTS)  # not part of the training state
+        cfg = {**DEFAULTS, **saved, **{k: cfg[k] for k in runtime if k in cfg}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     torch.manual_seed(cfg["seed"])
