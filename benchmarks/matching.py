@@ -171,7 +171,7 @@ def main() -> None:
     print(f"\nself-matching C={c}, N={n}: full {t_full:.2f} s, self_scores {t_self:.2f} s, ratio {t_self / t_full:.2f}")
     if args.no_memory:
         return
-    print("\npeak extra RSS of one call (MB; fresh subprocess each, ru_maxrss delta):")
+    print("\npeak extra RSS of one call (MB; fresh subprocess each, VmHWM - VmRSS before the call):")
     print(f"{'C':>5} {'N':>4} " + " ".join(f"{name:>12}" for name in ("engine", "engine64", "einsum", "matmul")))
     for c, n in SIZES.items():
         row = [peak_memory(name, c, n) / 2**20 for name in ("engine", "engine64", "einsum", "matmul")]
