@@ -15,7 +15,6 @@ from .matching import pairwise_scores
 from .metrics import RankResult, evaluate_rank
 from .models import PooledCosine, QAConv, build_backbone, build_matcher
 from .rerank import k_reciprocal, k_reciprocal_knn
-from .tlift import tlift
 
 __all__ = [
     "PooledCosine",
@@ -31,5 +30,4 @@ __all__ = [
     "load_dataset",
     "load_trained",
     "pairwise_scores",
-    "tlift",
 ]
