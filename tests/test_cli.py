@@ -147,7 +147,7 @@ def test_rerank_from_knn_lists_equals_dense_in_evaluation(tiny_domain, tmp_path)
 
     cfg = {**DEFAULTS, "arch": "resnet18", "ibn": None, "pretrained": None, "height": 64, "width": 32, "neck": 16,
            "data_dir": str(tiny_domain.parent), "workers": 0, "device": "cpu", "rerank": True, "k1": 5, "k2": 2,
-           "fea_batch": 16, "match_batch": 7}
+           "fea_batch": 16, "match_memory": 0.05}
     model, matcher = build_model(cfg)
     model.eval(), matcher.eval()
     dense = evaluate(model, matcher, cfg, "synth_A", progress=False)

@@ -34,7 +34,7 @@ def _cfg(tiny_domain, out_dir, **kw):
         "lr": 0.02,
         "margin": 2.0,
         "fea_batch": 16,
-        "match_batch": 16,
+        "match_memory": 1,
     }
     cfg.update(kw)
     return cfg

@@ -108,10 +108,10 @@ def _add_run_args(p, d: dict) -> None:
     g.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     g.add_argument("--fea-batch", default=d["fea_batch"], type=_positive(int), help="feature-extraction batch")
     g.add_argument(
-        "--match-batch",
-        default=d["match_batch"],
-        type=_positive(int),
-        help="probe and gallery chunk size of all-pairs matching",
+        "--match-memory",
+        default=d["match_memory"],
+        type=_positive(float),
+        help="memory budget (MB) of one tile of all-pairs matching; bounds the matching's working memory",
     )
 
 
@@ -288,7 +288,7 @@ def _cmd_evaluate(args) -> None:
         workers=args.workers,
         device=args.device,
         fea_batch=args.fea_batch,
-        match_batch=args.match_batch,
+        match_memory=args.match_memory,
         **{k: getattr(args, k) for k in POST_KEYS},
     )
     if not args.testsets:

@@ -276,14 +276,15 @@ def pairwise_scores(
     gal_batch: int = 128,
     device: str | torch.device | None = None,
     progress: bool = False,
+    memory: int | None = None,
 ) -> torch.Tensor:
     """Logits [P, G] (float32, CPU) of ``matcher`` over all probe x gallery pairs, chunk by chunk.
 
     The matcher runs in eval mode and its mode is restored afterwards. A :class:`QAConv` or
     :class:`PooledCosine` matcher goes through the tiled :class:`Matcher` engine (folded head, tile sizes
-    from its default memory budget; ``prob_batch`` / ``gal_batch`` are then not used, and ``prob is gal``
-    takes the symmetric self-matching path). Any other module is called on ``prob_batch x gal_batch``
-    chunks. On CUDA the chunks are matched in fp16 autocast; on CPU in fp32.
+    from the ``memory`` budget in bytes, default 256 MB; ``prob_batch`` / ``gal_batch`` are then not
+    used, and ``prob is gal`` takes the symmetric self-matching path). Any other module is called on
+    ``prob_batch x gal_batch`` chunks. On CUDA the chunks are matched in fp16 autocast; on CPU in fp32.
     """
     if prob_batch < 1 or gal_batch < 1:
         raise ValueError(f"chunk sizes must be positive, got {prob_batch}, {gal_batch}")
@@ -292,7 +293,7 @@ def pairwise_scores(
     matcher.eval()
     try:
         if isinstance(matcher, (QAConv, PooledCosine)):
-            return Matcher(matcher, dev).scores(prob, gal, progress=progress)
+            return Matcher(matcher, dev, memory=memory).scores(prob, gal, progress=progress)
         out = torch.empty(len(prob), len(gal), dtype=torch.float32)
         steps = [(p, g) for p in range(0, len(prob), prob_batch) for g in range(0, len(gal), gal_batch)]
         for p, g in tqdm(steps, desc="matching", disable=not progress, leave=False):

@@ -157,8 +157,8 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
     kw = dict(batch_size=cfg["fea_batch"], workers=cfg.get("workers", 0), device=dev, progress=progress)
     q = extract_features(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)
     g = extract_features(model, data.gallery, cfg["height"], cfg["width"], desc=f"{data.name} gallery", **kw)
-    chunk = cfg["match_batch"]
-    s_qg = pairwise_scores(matcher, q, g, chunk, chunk, dev, progress=progress).numpy()
+    match = dict(device=dev, progress=progress, memory=int(cfg["match_memory"] * 2**20))
+    s_qg = pairwise_scores(matcher, q, g, **match).numpy()
 
     def score_fn(rows, cols) -> np.ndarray:
         """Logits between index sets (slices or arrays) of the query+gallery stack, without stacking."""
@@ -168,7 +168,7 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
         for mask in (r < len(q), r >= len(q)):
             if mask.any():
                 prob = _take(q, g, r[mask])
-                out[mask] = pairwise_scores(matcher, prob, gal, chunk, chunk, dev, progress=progress).numpy()
+                out[mask] = pairwise_scores(matcher, prob, gal, **match).numpy()
         return out
 
     rows = postprocess(s_qg, data, cfg, score_fn, progress=progress)

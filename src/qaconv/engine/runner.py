@@ -54,7 +54,7 @@ DEFAULTS: dict = {
     "seed": 0,
     "device": None,
     "fea_batch": 128,
-    "match_batch": 128,
+    "match_memory": 256,
     **POST_DEFAULTS,
 }
 
