@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import QAConvError
 from .market import IMAGE_SUFFIXES, ReidDataset, load_market_layout
-from .records import Record
+from .records import Record, relabel_pids
 
 DUKE_FPS = 59.94
 DUKE_CAM_OFFSETS = [5542, 3606, 27243, 31181, 0, 22401, 18967, 46765]
@@ -170,11 +170,6 @@ def _parse_names(folder: Path, pattern: re.Pattern, rule: str) -> list[tuple[Pat
     return parsed
 
 
-def _relabel(records: list[Record]) -> list[Record]:
-    mapping = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
-    return [Record(r.path, mapping[r.pid], r.camid, r.time) for r in records]
-
-
 def _drop_junk(records: list[Record]) -> tuple[list[Record], int]:
     kept = [r for r in records if r.pid != -1]
     return kept, len(records) - len(kept)
@@ -196,7 +191,7 @@ def _build(
     return BenchmarkDataset(
         name=name,
         root=str(root),
-        train=_relabel(kept["train"]),
+        train=relabel_pids(kept["train"]),
         query=kept["query"],
         gallery=kept["gallery"],
         has_time=has_time,
@@ -307,7 +302,7 @@ def read_msmt17(root: str | Path, combine_all: bool = False) -> BenchmarkDataset
     train, junk["train"] = _drop_junk(train)
     query, junk["query"] = _drop_junk(query)
     gallery, junk["gallery"] = _drop_junk(gallery)
-    train = _relabel(train)
+    train = relabel_pids(train)
     found = f"msmt17: MSMT17_{version} list layout in {root}"
     if combine_all:
         shift = len({r.pid for r in train})
@@ -401,7 +396,7 @@ def combine(datasets: list[ReidDataset]) -> ReidDataset:
     pid_offset = cam_offset = 0
     junk = 0
     for data in datasets:
-        relabelled = _relabel(data.train)
+        relabelled = relabel_pids(data.train)
         train += [Record(r.path, r.pid + pid_offset, r.camid + cam_offset, r.time) for r in relabelled]
         pid_offset += len({r.pid for r in relabelled})
         cam_offset += max((r.camid for r in relabelled), default=-1) + 1

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import QAConvError
 from .market import ReidDataset
-from .records import Record
+from .records import Record, relabel_pids
 
 REQUIRED = ("path", "pid", "camid")
 SPLIT_NAMES = ("train", "query", "gallery")
@@ -138,8 +138,7 @@ def load_manifest(csv_path: str | Path, name: str | None = None) -> ReidDataset:
             junk[split] += 1
             continue
         records[split].append(Record(path, pid, cams[camid], time))
-    relabel = {pid: i for i, pid in enumerate(sorted({r.pid for r in records["train"]}))}
-    train = [Record(r.path, relabel[r.pid], r.camid, r.time) for r in records["train"]]
+    train = relabel_pids(records["train"])
     kept = [r for recs in records.values() for r in recs]
     return ReidDataset(
         name=name or csv_path.stem,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import QAConvError
-from .records import MARKET_FPS, MARKET_NAME, Record
+from .records import MARKET_FPS, MARKET_NAME, Record, relabel_pids
 
 SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -112,12 +112,10 @@ def load_market_layout(root: str | Path, name: str | None = None) -> ReidDataset
             Record(str(path), pid, cam - 1, (frame + offsets[(cam, session)]) / MARKET_FPS)
             for path, pid, cam, session, frame in kept
         ]
-    relabel = {pid: i for i, pid in enumerate(sorted({r.pid for r in records["train"]}))}
-    train = [Record(r.path, relabel[r.pid], r.camid, r.time) for r in records["train"]]
     return ReidDataset(
         name=name or root.name,
         root=str(root),
-        train=train,
+        train=relabel_pids(records["train"]),
         query=records["query"],
         gallery=records["gallery"],
         has_time=True,

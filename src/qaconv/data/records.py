@@ -19,6 +19,12 @@ class Record:
     time: float | None = None
 
 
+def relabel_pids(records: list[Record]) -> list[Record]:
+    """Training records with pids relabelled to 0..N-1 in sorted order of the raw pids."""
+    mapping = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
+    return [Record(r.path, mapping[r.pid], r.camid, r.time) for r in records]
+
+
 def market_name(pid: int, cam: int, session: int, frame: int, index: int = 0, ext: str = "jpg") -> str:
     """File name in Market-1501 convention; ``cam`` and ``session`` are 1-based as on disk."""
     if not (1 <= cam <= 9 and 1 <= session <= 9):
