@@ -154,3 +154,23 @@ def test_rerank_from_knn_lists_equals_dense_in_evaluation(tiny_domain, tmp_path)
     knn = evaluate(model, matcher, {**cfg, "rerank_dense_max": 0}, "synth_A", progress=False)
     np.testing.assert_allclose(knn["synth_A +RR"].cmc, dense["synth_A +RR"].cmc)
     assert abs(knn["synth_A +RR"].mAP - dense["synth_A +RR"].mAP) < 1e-6
+
+
+def test_every_option_has_help_stating_its_default():
+    import argparse
+
+    from qaconv.cli import FORMATTER, build_parser
+
+    def options(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from options(sub)
+            elif action.option_strings and action.help != argparse.SUPPRESS:
+                yield action
+
+    for action in options(build_parser()):
+        assert action.help, f"{action.option_strings} has no help text"
+        if action.default not in (None, False) and action.default != argparse.SUPPRESS:
+            text = FORMATTER("qaconv")._get_help_string(action)
+            assert "%(default)s" in text or "default" in text, action.option_strings

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from .errors import QAConvError
 
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
+    """States every default, except None ones, whose meaning the help text itself gives."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,7 +61,11 @@ def _bool(value: str) -> bool:
 def _add_model_args(p, d: dict) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
-        "-a", "--arch", default=d["arch"], choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+        "-a",
+        "--arch",
+        default=d["arch"],
+        choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+        help="torchvision ResNet backbone",
     )
     g.add_argument(
         "--final-layer",
@@ -178,12 +189,12 @@ def _add_train_args(p, d: dict) -> None:
     g.add_argument(
         "--sampler", default=d["sampler"], choices=["graph", "pk"], help="graph sampler or PxK random identities"
     )
-    g.add_argument("-b", "--batch-size", default=d["batch_size"], type=_positive(int))
+    g.add_argument("-b", "--batch-size", default=d["batch_size"], type=_positive(int), help="images per batch")
     g.add_argument("--num-instance", default=d["num_instance"], type=_positive(int), help="images per class in a batch")
     g.add_argument(
         "--lr", default=d["lr"], type=_positive(float), help="learning rate of neck and matcher (backbone 0.1x)"
     )
-    g.add_argument("--weight-decay", default=d["weight_decay"], type=float)
+    g.add_argument("--weight-decay", default=d["weight_decay"], type=float, help="SGD weight decay")
     g.add_argument(
         "--backbone-lr-mult",
         default=d["backbone_lr_mult"],
@@ -197,7 +208,7 @@ def _add_train_args(p, d: dict) -> None:
         type=_positive(float),
         help="< 1: decay once loss < factor x epoch-2 loss; >= 1: decay after that epoch",
     )
-    g.add_argument("--max-epochs", default=d["max_epochs"], type=_positive(int))
+    g.add_argument("--max-epochs", default=d["max_epochs"], type=_positive(int), help="upper bound on epochs")
     g.add_argument(
         "--freeze-backbone-bn",
         default=d["freeze_backbone_bn"],
@@ -208,7 +219,7 @@ def _add_train_args(p, d: dict) -> None:
     g.add_argument(
         "--strict", action="store_true", help="stop at the first unreadable training image instead of skipping it"
     )
-    g.add_argument("--seed", default=d["seed"], type=int)
+    g.add_argument("--seed", default=d["seed"], type=int, help="random seed")
     g.add_argument(
         "--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt with its saved configuration"
     )
@@ -262,13 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", formatter_class=FORMATTER, help="write a synthetic domain in Market-1501 layout")
     p.add_argument("--domain", default="A", help="domain name (A, B, ...)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--seed", default=0, type=int, help="random seed")
     p.add_argument(
         "--train-ids", default=None, type=_positive(int), help="training identities (default: domain preset)"
     )
     p.add_argument("--test-ids", default=None, type=_positive(int), help="test identities (default: domain preset)")
-    p.add_argument("--height", default=128, type=_positive(int))
-    p.add_argument("--width", default=64, type=_positive(int))
+    p.add_argument("--height", default=128, type=_positive(int), help="image height")
+    p.add_argument("--width", default=64, type=_positive(int), help="image width")
     return parser
 
 

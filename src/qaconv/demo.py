@@ -39,7 +39,7 @@ def add_demo_args(p) -> None:
     p.add_argument("--data-dir", default=None, help="synthetic data folder (default: OUT_DIR/data)")
     p.add_argument("--max-epochs", default=DEMO_OVERRIDES["max_epochs"], type=int, help="epochs per model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
-    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--seed", default=0, type=int, help="random seed")
 
 
 def run_demo(out_dir="qaconv_demo", data_dir=None, max_epochs=3, device=None, seed=0, progress=True) -> dict:
