@@ -1,0 +1,187 @@
+"""Exhaustive versus two-stage QAConv evaluation at Market-1501 scale (prints figures, never asserts).
+
+Usage: ``python benchmarks/eval_scale.py --fraction 0.05`` (``--probes``, ``--gallery``, ``--channels``,
+``--height``, ``--width``, ``--ids``, ``--noise``, ``--candidates``, ``--exhaustive-probes``).
+
+Synthetic features with identity structure: every identity has a base map ``[C, H, W]``; an image of it is
+the base rolled vertically by a random offset (at most ``--shift`` rows, a misalignment that QAConv's local
+matching absorbs and global pooling ignores) plus Gaussian noise (``--noise`` times the base's scale), then
+L2-normalised per location. Cameras are random in 0..5. The defaults are Market-1501's test split
+(3,368 probes x 15,913 gallery at 24x8, C=128, 750 identities); ``--fraction f`` scales the probe, gallery
+and identity counts by ``f``.
+
+Figures:
+
+* exhaustive: :meth:`Matcher.scores` over ``--exhaustive-probes`` probes (default: all) x the gallery; its
+  time is extrapolated linearly in pairs to the full (fraction-scaled) probe set and to the unscaled size.
+* two-stage: :func:`qaconv.search.two_stage_topk` with ``k = M`` for each M (first-stage time measured
+  separately); recall of the exhaustive top-10 within the two-stage top-10, and mAP / rank-1 computed by
+  :func:`qaconv.metrics.evaluate_rank` on a distance matrix that holds ``-score`` for the M re-scored
+  candidates and ``+inf`` elsewhere, relative to the exhaustive mAP (same probes). Extrapolation to the
+  unscaled size: first stage scales with P*G, re-scoring with P*M.
+* peak memory: the process's peak resident set (``VmHWM`` in ``/proc/self/status``), reset before each
+  method via ``/proc/self/clear_refs`` where the kernel allows it (then it is the peak during that method,
+  inputs included, since they are resident).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qaconv.matching import Matcher
+from qaconv.metrics import evaluate_rank
+from qaconv.models.qaconv import QAConv
+from qaconv.search import pooled_candidates, two_stage_topk
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib() -> str:
+    kib = _status_kib("VmHWM")
+    return "n/a" if kib is None else f"{kib / 1024:.0f} MiB"
+
+
+def make_set(n: int, bases: torch.Tensor, noise: float, shift: int, gen: torch.Generator, chunk: int = 512):
+    """``n`` maps of random identities: rolled base + noise, L2-normalised per location; (maps, pids, camids)."""
+    num_ids, c, h, w = bases.shape
+    pids = torch.randint(num_ids, (n,), generator=gen)
+    cams = torch.randint(6, (n,), generator=gen)
+    shifts = torch.randint(-shift, shift + 1, (n,), generator=gen)
+    maps = torch.empty(n, c, h, w)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        x = bases[pids[s:e]].clone()
+        for j in range(e - s):
+            if shifts[s + j]:
+                x[j] = x[j].roll(int(shifts[s + j]), dims=1)
+        x += noise * torch.randn(x.shape, generator=gen)
+        maps[s:e] = F.normalize(x, dim=1)
+    return maps, pids.numpy(), cams.numpy()
+
+
+def _recall(two_i: torch.Tensor, ex_i: torch.Tensor) -> float:
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(two_i, ex_i, strict=True))
+    return hits / ex_i.numel()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--probes", type=int, default=3368)
+    ap.add_argument("--gallery", type=int, default=15913)
+    ap.add_argument("--ids", type=int, default=750)
+    ap.add_argument("--channels", type=int, default=128)
+    ap.add_argument("--height", type=int, default=24)
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--fraction", type=float, default=1.0, help="scale probes, gallery and ids by this")
+    ap.add_argument("--noise", type=float, default=2.5)
+    ap.add_argument("--shift", type=int, default=2)
+    ap.add_argument("--candidates", type=int, nargs="+", default=[50, 100, 200, 400])
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--exhaustive-probes", type=int, default=None, help="probes for the exhaustive run (all)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not 0 < args.fraction <= 1:
+        ap.error("--fraction must be in (0, 1]")
+
+    f = args.fraction
+    num_p, num_g = max(1, round(args.probes * f)), max(1, round(args.gallery * f))
+    num_ids = max(2, round(args.ids * f))
+    c, h, w = args.channels, args.height, args.width
+    gen = torch.Generator().manual_seed(args.seed)
+    bases = torch.randn(num_ids, c, h, w, generator=gen)
+    prob, q_pids, q_cams = make_set(num_p, bases, args.noise, args.shift, gen)
+    gal, g_pids, g_cams = make_set(num_g, bases, args.noise, args.shift, gen)
+    torch.manual_seed(args.seed)
+    head = QAConv(c, h, w).eval()  # default eval head: fc weight 1/HW, identity BatchNorms
+    print(
+        f"threads={torch.get_num_threads()}  fraction={f}  probes={num_p}  gallery={num_g}  ids={num_ids}  "
+        f"C={c}  HxW={h}x{w}  noise={args.noise}  shift={args.shift}"
+    )
+    print(f"inputs: {(prob.numel() + gal.numel()) * 4 / 2**20:.0f} MiB; peak RSS after building them {_peak_mib()}")
+    full_pairs = args.probes * args.gallery
+
+    # -- exhaustive --------------------------------------------------------------------------------------------
+    num_e = num_p if args.exhaustive_probes is None else max(1, min(num_p, args.exhaustive_probes))
+    _reset_peak()
+    t0 = time.perf_counter()
+    full = Matcher(head, "cpu").scores(prob[:num_e], gal)
+    t_ex = time.perf_counter() - t0
+    rate = num_e * num_g / t_ex
+    note = "" if num_e == num_p else f" (measured on {num_e} probes, extrapolated)"
+    print(
+        f"\nexhaustive: {t_ex:.1f} s for {num_e} x {num_g} pairs ({rate / 1e3:.1f} k pairs/s), peak RSS {_peak_mib()}"
+    )
+    print(
+        f"  all {num_p} probes: {num_p * num_g / rate:.1f} s{note}; unscaled {args.probes} x {args.gallery}: "
+        f"{full_pairs / rate / 60:.1f} min (extrapolated by pairs)"
+    )
+    k = min(args.k, num_g)
+    ex_s, ex_i = full.topk(k, dim=1)
+    qp, qc = q_pids[:num_e], q_cams[:num_e]
+    ex_res = evaluate_rank(-full.numpy(), qp, g_pids, qc, g_cams)
+    print(f"  exhaustive mAP {ex_res.mAP:.4f}  rank-1 {ex_res.rank(1):.4f}  ({ex_res.num_valid} valid probes)")
+    ep = F.normalize(prob[:num_e].mean(dim=(2, 3)), dim=1)
+    eg = F.normalize(gal.mean(dim=(2, 3)), dim=1)
+    pooled = evaluate_rank(-(ep @ eg.t()).numpy(), qp, g_pids, qc, g_cams)
+    print(f"  first stage alone (pooled cosine) mAP {pooled.mAP:.4f}  rank-1 {pooled.rank(1):.4f}")
+
+    # -- two-stage ---------------------------------------------------------------------------------------------
+    print(
+        f"\n{'M':>5} {'stage1 s':>9} {'total s':>8} {'speedup':>8} {'recall@' + str(k):>10} {'mAP':>7} "
+        f"{'mAP rel':>8} {'rank-1':>7} {'peak RSS':>10} {'unscaled est.':>14}"
+    )
+    for m in args.candidates:
+        if m < k:
+            print(f"{m:>5} skipped (M < k)")
+            continue
+        mm = min(m, num_g)
+        _reset_peak()
+        t0 = time.perf_counter()
+        pooled_candidates(prob, gal, mm, device="cpu")
+        t_first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s, i = two_stage_topk(head, prob, gal, k=mm, candidates=mm, device="cpu")
+        t_two = time.perf_counter() - t0
+        peak = _peak_mib()
+        d = np.full((num_e, num_g), np.inf, dtype=np.float32)
+        np.put_along_axis(d, i[:num_e].numpy(), -s[:num_e].numpy(), axis=1)
+        res = evaluate_rank(d, qp, g_pids, qc, g_cams)
+        rec = _recall(i[:num_e, :k], ex_i)
+        t_rescore = max(t_two - t_first, 0.0)
+        est = t_first * full_pairs / (num_p * num_g) + t_rescore * args.probes / num_p
+        speed = (num_p * num_g / rate) / t_two
+        print(
+            f"{m:>5} {t_first:>9.2f} {t_two:>8.2f} {speed:>7.1f}x {rec:>10.4f} {res.mAP:>7.4f} "
+            f"{res.mAP / ex_res.mAP:>8.4f} {res.rank(1):>7.4f} {peak:>10} {est / 60:>11.1f} min"
+        )
+    print(
+        "\nrecall@k: share of the exhaustive top-k found in the two-stage top-k (same probes); mAP rel: "
+        "two-stage mAP / exhaustive mAP; speedup vs exhaustive over all probes (extrapolated if subset)."
+    )
+
+
+if __name__ == "__main__":
+    main()
