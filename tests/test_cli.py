@@ -14,7 +14,7 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "qaconv", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "synth", "demo"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "synth", "demo", "match"])
 def test_help_states_defaults(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -174,3 +174,16 @@ def test_every_option_has_help_stating_its_default():
         if action.default not in (None, False) and action.default != argparse.SUPPRESS:
             text = FORMATTER("qaconv")._get_help_string(action)
             assert "%(default)s" in text or "default" in text, action.option_strings
+
+
+def test_match_command_draws_picture(tiny_domain, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--data-dir", str(tiny_domain.parent), "--workers", "0", "--device", "cpu"]
+    assert main(["train", "--dataset", "synth_A", "--testsets", "", "-o", str(run), "--arch", "resnet18", "--ibn",
+                 "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16", "--batch-size",
+                 "8", "--num-instance", "2", "--max-epochs", "1", *common]) == 0
+    images = sorted((tiny_domain / "query").iterdir())[:2]
+    out = tmp_path / "m.png"
+    capsys.readouterr()
+    assert main(["match", str(images[0]), str(images[1]), "--checkpoint", str(run), "-o", str(out), "--top", "5"]) == 0
+    assert "QAConv score" in capsys.readouterr().out and out.stat().st_size > 10_000

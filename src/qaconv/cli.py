@@ -259,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, DEFAULTS)
     _add_post_args(p, DEFAULTS)
 
+    p = sub.add_parser("match", formatter_class=FORMATTER, help="draw which parts of two images matched")
+    p.add_argument("image_a", help="probe image")
+    p.add_argument("image_b", help="gallery image")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder) written by 'qaconv train'")
+    p.add_argument("-o", "--out", default="match.png", help="output PNG")
+    p.add_argument("--top", default=20, type=_positive(int), help="lines for the strongest correspondences")
+    p.add_argument("--threshold", default=None, type=float, help="draw every correspondence above this similarity")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
+
     p = sub.add_parser("data", formatter_class=FORMATTER, help="inspect datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     q = data_sub.add_parser(
@@ -309,6 +318,15 @@ def _cmd_evaluate(args) -> None:
     evaluate(model, matcher, cfg, args.testsets, out_dir=out_dir if args.save_scores else None)
 
 
+def _cmd_match(args) -> None:
+    from .extractor import FeatureExtractor
+    from .viz.match import match_images
+
+    extractor = FeatureExtractor(args.checkpoint, device=args.device)
+    score, path = match_images(extractor, args.image_a, args.image_b, args.out, top=args.top, threshold=args.threshold)
+    print(f"QAConv score {score:.3f}; wrote {path}")
+
+
 def _cmd_data(args) -> None:
     import json
 
@@ -347,7 +365,13 @@ def _cmd_synth(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "evaluate": _cmd_evaluate, "synth": _cmd_synth, "data": _cmd_data}
+    commands = {
+        "train": _cmd_train,
+        "evaluate": _cmd_evaluate,
+        "synth": _cmd_synth,
+        "data": _cmd_data,
+        "match": _cmd_match,
+    }
     try:
         if args.command == "demo":
             from .demo import run_demo_from_args
