@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
 
 from qaconv.matching import Matcher
 from qaconv.metrics import evaluate_rank
@@ -39,28 +40,8 @@ from qaconv.models.qaconv import QAConv
 from qaconv.search import pooled_candidates, two_stage_topk
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_mib() -> str:
-    kib = _status_kib("VmHWM")
+    kib = status_kib("VmHWM")
     return "n/a" if kib is None else f"{kib / 1024:.0f} MiB"
 
 
@@ -125,7 +106,7 @@ def main(argv=None) -> None:
 
     # -- exhaustive --------------------------------------------------------------------------------------------
     num_e = num_p if args.exhaustive_probes is None else max(1, min(num_p, args.exhaustive_probes))
-    _reset_peak()
+    reset_peak()
     t0 = time.perf_counter()
     full = Matcher(head, "cpu").scores(prob[:num_e], gal)
     t_ex = time.perf_counter() - t0
@@ -158,7 +139,7 @@ def main(argv=None) -> None:
             print(f"{m:>5} skipped (M < k)")
             continue
         mm = min(m, num_g)
-        _reset_peak()
+        reset_peak()
         t0 = time.perf_counter()
         pooled_candidates(prob, gal, mm, device="cpu")
         t_first = time.perf_counter() - t0

@@ -33,6 +33,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
 
 from qaconv.matching import DEFAULT_MEMORY, Matcher, block_sizes
 from qaconv.models.qaconv import QAConv
@@ -91,33 +92,12 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: clear_refs "5")."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def mem_child(method: str, c: int, n: int) -> None:
     """Subprocess body: print the peak-RSS rise (bytes) of one call."""
     head = _head(c)
     prob, gal = _inputs(c, n)
-    if _reset_peak() and _status_kib("VmHWM") is not None:
-        before, peak = _status_kib("VmRSS"), lambda: _status_kib("VmHWM")
+    if reset_peak() and status_kib("VmHWM") is not None:
+        before, peak = status_kib("VmRSS"), lambda: status_kib("VmHWM")
     else:  # ru_maxrss (KiB on Linux); note it can be inherited from the parent's peak across fork
         before, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, None
     if method == "engine64":

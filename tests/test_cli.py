@@ -83,12 +83,21 @@ def test_module_entry_point_bad_args():
     assert res.returncode == 2 and "must be > 0" in res.stderr and "Traceback" not in res.stderr
 
 
+def _common(tiny_domain):
+    return ["--data-dir", str(tiny_domain.parent), "--workers", "0", "--device", "cpu"]
+
+
+def _train_tiny(tiny_domain, run, testsets=""):
+    """One epoch of a tiny random-init ResNet-18 QAConv on the tiny synthetic domain; returns the exit code."""
+    return main(["train", "--dataset", "synth_A", "--testsets", testsets, "-o", str(run), "--arch", "resnet18",
+                 "--ibn", "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16",
+                 "--batch-size", "8", "--num-instance", "2", "--max-epochs", "1", *_common(tiny_domain)])
+
+
 def test_train_then_evaluate_end_to_end(tiny_domain, tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--data-dir", str(tiny_domain.parent), "--workers", "0", "--device", "cpu"]
-    code = main(["train", "--dataset", "synth_A", "--testsets", "synth_A", "-o", str(run), "--arch", "resnet18",
-                 "--ibn", "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16",
-                 "--batch-size", "8", "--num-instance", "2", "--max-epochs", "1", *common])
+    common = _common(tiny_domain)
+    code = _train_tiny(tiny_domain, run, testsets="synth_A")
     out = capsys.readouterr().out
     assert code == 0
     assert "rank-1" in out and "synth_A" in out
@@ -117,10 +126,8 @@ def test_evaluate_with_rerank_tlift_and_saved_scores(tiny_domain, tmp_path, caps
     from scipy.io import loadmat
 
     run = tmp_path / "run"
-    common = ["--data-dir", str(tiny_domain.parent), "--workers", "0", "--device", "cpu"]
-    assert main(["train", "--dataset", "synth_A", "--testsets", "", "-o", str(run), "--arch", "resnet18", "--ibn",
-                 "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16", "--batch-size",
-                 "8", "--num-instance", "2", "--max-epochs", "1", *common]) == 0
+    common = _common(tiny_domain)
+    assert _train_tiny(tiny_domain, run) == 0
     capsys.readouterr()
     code = main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--rerank", "--tlift",
                  "--save-scores", "--k1", "5", "--k2", "2", *common])
@@ -178,10 +185,7 @@ def test_every_option_has_help_stating_its_default():
 
 def test_match_command_draws_picture(tiny_domain, tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--data-dir", str(tiny_domain.parent), "--workers", "0", "--device", "cpu"]
-    assert main(["train", "--dataset", "synth_A", "--testsets", "", "-o", str(run), "--arch", "resnet18", "--ibn",
-                 "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16", "--batch-size",
-                 "8", "--num-instance", "2", "--max-epochs", "1", *common]) == 0
+    assert _train_tiny(tiny_domain, run) == 0
     images = sorted((tiny_domain / "query").iterdir())[:2]
     out = tmp_path / "m.png"
     capsys.readouterr()
