@@ -191,3 +191,22 @@ def test_match_command_draws_picture(tiny_domain, tmp_path, capsys):
     capsys.readouterr()
     assert main(["match", str(images[0]), str(images[1]), "--checkpoint", str(run), "-o", str(out), "--top", "5"]) == 0
     assert "QAConv score" in capsys.readouterr().out and out.stat().st_size > 10_000
+
+
+def test_evaluate_two_stage(tiny_domain, tmp_path, capsys):
+    """--two-stage with M >= gallery size gives the exhaustive table; with --rerank it is refused in one line."""
+    run = tmp_path / "run"
+    common = _common(tiny_domain)
+    assert _train_tiny(tiny_domain, run) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", *common]) == 0
+    plain = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("synth_A ")]
+    assert main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--two-stage", "100000", *common]) == 0
+    out = capsys.readouterr().out
+    assert "two-stage" in out and plain[0] in out.splitlines()
+    assert main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--two-stage", "3", *common]) == 0
+    assert "re-scores the 3 best" in capsys.readouterr().out
+    code = main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--two-stage", "3", "--rerank",
+                 *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--two-stage" in err[0]

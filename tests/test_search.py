@@ -138,3 +138,32 @@ def test_faiss_matches_torch():
     s2, i2 = pooled_candidates(prob, gal, 8, use_faiss=False)
     torch.testing.assert_close(s1, s2, atol=1e-5, rtol=0)
     assert torch.equal(i1, i2)
+
+
+@pytest.mark.parametrize("m", [1, 4, 9])
+def test_two_stage_scores_shortlist_exact_and_tail_by_cosine(m):
+    from qaconv.search import two_stage_scores
+
+    head = _qaconv()
+    prob, gal = _maps(5, 1), _maps(11, 2)
+    full = Matcher(head, "cpu").scores(prob, gal)
+    scores, mask = two_stage_scores(head, prob, gal, m, device="cpu")
+    cos = F.normalize(prob.mean(dim=(2, 3)), dim=1) @ F.normalize(gal.mean(dim=(2, 3)), dim=1).t()
+    for i in range(len(prob)):
+        order = sorted(range(len(gal)), key=lambda j: -float(cos[i, j]))  # brute-force first stage
+        short, tail = order[:m], order[m:]
+        assert sorted(torch.nonzero(mask[i]).flatten().tolist()) == sorted(short)
+        torch.testing.assert_close(scores[i, short], full[i, short], rtol=0, atol=1e-5)
+        # every non-candidate ranks below every candidate, in pooled-cosine order
+        assert float(scores[i, tail].max()) < float(scores[i, short].min())
+        assert sorted(tail, key=lambda j: -float(scores[i, j])) == tail
+
+
+def test_two_stage_scores_exhaustive_when_m_covers_gallery():
+    from qaconv.search import two_stage_scores
+
+    head = _qaconv("1")
+    prob, gal = _maps(4, 3), _maps(6, 4)
+    scores, mask = two_stage_scores(head, prob, gal, 6, device="cpu")
+    torch.testing.assert_close(scores, Matcher(head, "cpu").scores(prob, gal))
+    assert bool(mask.all())

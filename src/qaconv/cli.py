@@ -36,14 +36,14 @@ def _choices_or_none(*choices):
     return parse
 
 
-def _positive(kind):
+def _positive(kind, zero: bool = False):
     def parse(value: str):
         try:
             v = kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{value}'") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        if v < 0 or (v == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {value}")
         return v
 
     return parse
@@ -148,6 +148,14 @@ def _add_post_args(p, d: dict) -> None:
         "--tlift-k", default=d["tlift_k"], type=_positive(int), help="TLift K: pivots per co-occurring group"
     )
     g.add_argument("--alpha", default=d["alpha"], type=float, help="TLift regulariser")
+    g.add_argument(
+        "--two-stage",
+        default=d["two_stage"],
+        type=_positive(int, zero=True),
+        metavar="M",
+        help="if > 0, QAConv re-scores only each query's M best gallery images by pooled cosine (fast on "
+        "large galleries; the rest ranked by cosine below them); 0 = exhaustive",
+    )
 
 
 POST_KEYS = (
@@ -162,6 +170,7 @@ POST_KEYS = (
     "sigma",
     "tlift_k",
     "alpha",
+    "two_stage",
 )
 
 

@@ -180,3 +180,53 @@ def two_stage_topk(
         return top_s, cand.gather(1, pos)
     finally:
         head.train(was_training)
+
+
+@torch.inference_mode()
+def two_stage_scores(
+    head: nn.Module,
+    prob_maps: Tensor,
+    gal_maps: Tensor,
+    candidates: int,
+    device: str | torch.device | None = None,
+    memory: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A dense ``[P, G]`` score matrix for evaluation from two-stage search, and the candidate mask.
+
+    Each probe's ``candidates`` (M) best gallery items by pooled cosine hold their exact QAConv logits;
+    every other item is ranked below all of that probe's candidates, in pooled-cosine order:
+    ``min(candidate logits) - 1 - (1 - cosine)``. So the top M of each row is QAConv's ranking of the
+    shortlist and the tail is the first stage's ranking, and metrics over the whole gallery stay defined.
+    ``M >= G`` gives exactly :meth:`Matcher.scores`. Returns ``(scores float32 [P, G], mask bool [P, G])``.
+
+    Example::
+
+        scores, shortlisted = two_stage_scores(head, query_maps, gallery_maps, candidates=400)
+    """
+    num_p, num_g = len(prob_maps), len(gal_maps)
+    if not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"candidates must be a positive int, got {candidates!r}")
+    memory = int(DEFAULT_MEMORY if memory is None else memory)
+    dev = pick_device(device)
+    was_training = head.training
+    head.eval()
+    try:
+        if candidates >= num_g or num_p == 0:
+            scores = Matcher(head, dev, memory=memory).scores(prob_maps, gal_maps)
+            return scores, torch.ones(num_p, num_g, dtype=torch.bool)
+        ep = PooledCosine.embed(prob_maps.to(dev, torch.float32))
+        eg = PooledCosine.embed(gal_maps.to(dev, torch.float32))
+        scores = torch.empty(num_p, num_g, dtype=torch.float32)
+        cand = torch.empty(num_p, candidates, dtype=torch.int64)
+        for p0 in range(0, num_p, FIRST_STAGE_BLOCK):
+            cos = (ep[p0 : p0 + FIRST_STAGE_BLOCK] @ eg.t()).float()
+            cand[p0 : p0 + len(cos)] = cos.topk(candidates, dim=1).indices.cpu()
+            scores[p0 : p0 + len(cos)] = (cos - 2.0).cpu()  # -1 - (1 - cos); the row's minimum logit is added below
+        exact = _rescore(head, prob_maps, gal_maps, cand, dev, memory)
+        scores += exact.amin(dim=1, keepdim=True)
+        scores.scatter_(1, cand, exact)
+        mask = torch.zeros(num_p, num_g, dtype=torch.bool)
+        mask.scatter_(1, cand, True)
+        return scores, mask
+    finally:
+        head.train(was_training)

@@ -11,6 +11,7 @@ import torch
 
 from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
+from ..errors import QAConvError
 from ..matching import pairwise_scores, pick_device
 from ..metrics import RankResult, evaluate_rank
 from .features import extract_features
@@ -30,6 +31,7 @@ POST_DEFAULTS: dict = {
     "tlift_k": 10,
     "alpha": 0.2,
     "rerank_dense_max": 30000,  # above this many query+gallery images, re-rank from kNN lists (bounded memory)
+    "two_stage": 0,  # > 0: pooled-cosine shortlist of this many gallery items per query, QAConv re-scores it
 }
 
 
@@ -144,6 +146,24 @@ def _take(q: torch.Tensor, g: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
     return out
 
 
+def check_post_options(cfg: dict) -> None:
+    """Refuse option combinations that cannot work, before any data is loaded."""
+    if cfg.get("two_stage", 0) > 0 and cfg.get("rerank"):
+        raise QAConvError("--rerank needs every query-gallery and gallery-gallery score; use it without --two-stage")
+
+
+def _two_stage(matcher, q, g, cfg: dict, match: dict, name: str, progress: bool) -> np.ndarray:
+    """[Q, G] scores from two-stage search (see :func:`qaconv.search.two_stage_scores`)."""
+    from ..search import two_stage_scores
+
+    check_post_options(cfg)
+    m = int(cfg["two_stage"])
+    if progress:
+        print(f"{name}: two-stage matching, QAConv re-scores the {min(m, len(g))} best of {len(g)} by pooled cosine")
+    scores, _ = two_stage_scores(matcher, q, g, m, device=match["device"], memory=match["memory"])
+    return scores.numpy()
+
+
 def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out_dir=None):
     """Metrics per post-processing row ('' = plain QAConv) on one test set, and the seconds taken."""
     start = time.perf_counter()
@@ -158,7 +178,10 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
     q = extract_features(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)
     g = extract_features(model, data.gallery, cfg["height"], cfg["width"], desc=f"{data.name} gallery", **kw)
     match = dict(device=dev, progress=progress, memory=int(cfg["match_memory"] * 2**20))
-    s_qg = pairwise_scores(matcher, q, g, **match).numpy()
+    if cfg.get("two_stage", 0) > 0:
+        s_qg = _two_stage(matcher, q, g, cfg, match, data.name, progress)
+    else:
+        s_qg = pairwise_scores(matcher, q, g, **match).numpy()
 
     def score_fn(rows, cols) -> np.ndarray:
         """Logits between index sets (slices or arrays) of the query+gallery stack, without stacking."""
@@ -191,6 +214,7 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
 
     Keys of the result: the test-set name, and ``NAME +TLift``, ``NAME +RR``, ``NAME +RR+TLift`` when
     asked for (``cfg['rerank']``, ``cfg['tlift']``)."""
+    check_post_options(cfg)
     names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
     results: dict[str, RankResult] = {}
     for name in filter(None, names):

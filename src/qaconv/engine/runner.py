@@ -14,7 +14,7 @@ from ..losses import ClassMemoryLoss, PairwiseMatchingLoss, TripletLoss
 from ..matching import pick_device
 from ..models import build_backbone, build_matcher
 from .checkpoint import load_checkpoint
-from .evaluator import POST_DEFAULTS, evaluate
+from .evaluator import POST_DEFAULTS, check_post_options, evaluate
 from .trainer import CHECKPOINT, Trainer, append_jsonl
 
 # Official QAConv-GS (HEAD) defaults, except the data: the embedded synthetic domains.
@@ -116,6 +116,7 @@ def _freeze_bn(cfg: dict) -> bool:
 
 def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=None) -> dict:
     """Train per ``cfg`` into ``cfg['out_dir']`` and evaluate on its test sets; returns a summary."""
+    check_post_options(cfg)
     out = Path(cfg["out_dir"])
     if resume:
         saved = load_checkpoint(out / CHECKPOINT)["config"]
