@@ -14,11 +14,16 @@ Figures:
 
 * exhaustive: :meth:`Matcher.scores` over ``--exhaustive-probes`` probes (default: all) x the gallery; its
   time is extrapolated linearly in pairs to the full (fraction-scaled) probe set and to the unscaled size.
-* two-stage: :func:`qaconv.search.two_stage_topk` with ``k = M`` for each M (first-stage time measured
-  separately); recall of the exhaustive top-10 within the two-stage top-10, and mAP / rank-1 computed by
-  :func:`qaconv.metrics.evaluate_rank` on a distance matrix that holds ``-score`` for the M re-scored
-  candidates and ``+inf`` elsewhere, relative to the exhaustive mAP (same probes). Extrapolation to the
+* two-stage: :func:`qaconv.search.two_stage_scores` for each M, the path of ``qaconv evaluate --two-stage M``
+  (first-stage time measured separately): QAConv logits for each probe's M pooled-cosine candidates, the
+  rest ranked below them by cosine; recall of the exhaustive top-10 within the two-stage top-10, and mAP /
+  rank-1 by :func:`qaconv.metrics.evaluate_rank` over the whole gallery, relative to the exhaustive mAP
+  (same probes). Extrapolation to the
   unscaled size: first stage scales with P*G, re-scoring with P*M.
+* training throughput: images/s of full training steps (forward, in-batch QAConv triplet loss, backward,
+  clipping, SGD) of a random-init backbone on random images, batch ``--train-batch`` of K=2 per identity
+  (``--train-arch``/``--train-ibn``/``--train-size``; data loading and augmentation excluded, they overlap with
+  the step in worker processes); the first step is a warm-up and not timed. ``--train-steps 0`` skips it.
 * peak memory: the process's peak resident set (``VmHWM`` in ``/proc/self/status``), reset before each
   method via ``/proc/self/clear_refs`` where the kernel allows it (then it is the peak during that method,
   inputs included, since they are resident).
@@ -29,7 +34,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
@@ -37,7 +41,7 @@ from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when ru
 from qaconv.matching import Matcher
 from qaconv.metrics import evaluate_rank
 from qaconv.models.qaconv import QAConv
-from qaconv.search import pooled_candidates, two_stage_topk
+from qaconv.search import pooled_candidates, two_stage_scores
 
 
 def _peak_mib() -> str:
@@ -68,6 +72,36 @@ def _recall(two_i: torch.Tensor, ex_i: torch.Tensor) -> float:
     return hits / ex_i.numel()
 
 
+def train_throughput(arch: str, ibn: str | None, height: int, width: int, batch: int, steps: int) -> float:
+    """Images/s of training steps with the package's model, loss and optimiser (first step untimed)."""
+    from qaconv.engine.runner import DEFAULTS, build_criterion, build_model
+    from qaconv.engine.trainer import make_optimizer
+    from qaconv.matching import pick_device
+
+    cfg = {**DEFAULTS, "arch": arch, "ibn": ibn, "pretrained": None, "height": height, "width": width}
+    dev = pick_device(None)
+    model, matcher = build_model(cfg, load_weights=False)
+    criterion = build_criterion(cfg, model, matcher, num_classes=batch // 2)
+    model, criterion = model.to(dev).train(), criterion.to(dev).train()
+    opt = make_optimizer(model, criterion, cfg["lr"], cfg["weight_decay"], cfg["backbone_lr_mult"])
+    images = torch.rand(batch, 3, height, width, device=dev)
+    targets = torch.arange(batch, device=dev) // 2
+    amp = dev.type == "cuda"
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+            loss, _ = criterion(model(images).float(), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return batch * steps / sum(times[1:])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--probes", type=int, default=3368)
@@ -83,6 +117,11 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--exhaustive-probes", type=int, default=None, help="probes for the exhaustive run (all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-steps", type=int, default=3, help="timed training steps (0 skips)")
+    ap.add_argument("--train-arch", default="resnet50")
+    ap.add_argument("--train-ibn", default="b", help="a, b or none")
+    ap.add_argument("--train-size", type=int, nargs=2, default=[384, 128], metavar=("H", "W"))
+    ap.add_argument("--train-batch", type=int, default=16)
     args = ap.parse_args(argv)
     if not 0 < args.fraction <= 1:
         ap.error("--fraction must be in (0, 1]")
@@ -144,12 +183,11 @@ def main(argv=None) -> None:
         pooled_candidates(prob, gal, mm, device="cpu")
         t_first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        s, i = two_stage_topk(head, prob, gal, k=mm, candidates=mm, device="cpu")
+        scores, _ = two_stage_scores(head, prob, gal, mm, device="cpu")
         t_two = time.perf_counter() - t0
         peak = _peak_mib()
-        d = np.full((num_e, num_g), np.inf, dtype=np.float32)
-        np.put_along_axis(d, i[:num_e].numpy(), -s[:num_e].numpy(), axis=1)
-        res = evaluate_rank(d, qp, g_pids, qc, g_cams)
+        res = evaluate_rank(-scores[:num_e].numpy(), qp, g_pids, qc, g_cams)
+        i = scores.topk(k, dim=1).indices
         rec = _recall(i[:num_e, :k], ex_i)
         t_rescore = max(t_two - t_first, 0.0)
         est = t_first * full_pairs / (num_p * num_g) + t_rescore * args.probes / num_p
@@ -157,6 +195,14 @@ def main(argv=None) -> None:
         print(
             f"{m:>5} {t_first:>9.2f} {t_two:>8.2f} {speed:>7.1f}x {rec:>10.4f} {res.mAP:>7.4f} "
             f"{res.mAP / ex_res.mAP:>8.4f} {res.rank(1):>7.4f} {peak:>10} {est / 60:>11.1f} min"
+        )
+    if args.train_steps > 0:
+        ibn = None if args.train_ibn == "none" else args.train_ibn
+        h, w = args.train_size
+        rate = train_throughput(args.train_arch, ibn, h, w, args.train_batch, args.train_steps)
+        print(
+            f"\ntraining: {rate:.1f} images/s ({args.train_arch}, IBN {ibn}, {h}x{w}, batch {args.train_batch}, "
+            f"{args.train_steps} timed steps)"
         )
     print(
         "\nrecall@k: share of the exhaustive top-k found in the two-stage top-k (same probes); mAP rel: "
