@@ -148,6 +148,19 @@ def _add_post_args(p, d: dict) -> None:
         "--tlift-k", default=d["tlift_k"], type=_positive(int), help="TLift K: pivots per co-occurring group"
     )
     g.add_argument("--alpha", default=d["alpha"], type=float, help="TLift regulariser")
+    g.add_argument(
+        "--report",
+        default=d["report"],
+        metavar="DIR",
+        help="write a self-contained HTML report to DIR/index.html: metrics, CMC curves, ranked lists of the "
+        "worst and of random queries, match pictures",
+    )
+    g.add_argument(
+        "--report-queries",
+        default=d["report_queries"],
+        type=_positive(int),
+        help="worst and random queries shown per test set in the report",
+    )
 
 
 POST_KEYS = (
@@ -162,6 +175,8 @@ POST_KEYS = (
     "sigma",
     "tlift_k",
     "alpha",
+    "report",
+    "report_queries",
 )
 
 
