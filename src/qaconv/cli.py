@@ -311,6 +311,10 @@ def _cmd_train(args) -> None:
     from .engine.runner import DEFAULTS, train
 
     cfg = {k: getattr(args, k) for k in DEFAULTS}
+    if cfg["report"] and cfg["testsets"]:
+        from .report import check_report_dir
+
+        check_report_dir(cfg["report"])  # fail before training
     train(cfg, resume=args.resume)
 
 

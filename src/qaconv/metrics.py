@@ -156,7 +156,7 @@ def per_query(distmat, q_pids, g_pids, q_camids, g_camids) -> dict[str, np.ndarr
     for s in range(0, Q, step):
         e = min(Q, s + step)
         ok, first_rank, ap, inp = _chunk_stats(d[s:e], q_pids[s:e], q_camids[s:e], g_pids, g_camids)
-        for key, value in zip(out, (ok, np.where(ok, first_rank, -1), ap, inp)):
+        for key, value in zip(out, (ok, np.where(ok, first_rank, -1), ap, inp), strict=True):
             out[key].append(value)
     empty = {"valid": bool, "first_rank": np.int64, "ap": np.float64, "inp": np.float64}
     return {k: np.concatenate(v) if v else np.zeros(0, dtype=empty[k]) for k, v in out.items()}

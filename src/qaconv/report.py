@@ -89,7 +89,7 @@ def build_rows(dist, scores, q_pids, g_pids, q_cams, g_cams, queries, top: int =
     """Ranked lists of ``queries``: gallery by stable ascending ``dist`` (as the metrics sort), junk (same
     identity and camera) removed; ``scores`` [Q, G] is what each thumbnail shows (larger = more similar).
 
-    >>> rows = build_rows([[0.3, 0.1, 0.2]], [[0.7, 0.9, 0.8]], [1], [1, 1, 2], [0], [0, 1, 1], [0], top=1)
+    >>> rows = build_rows([[0.1, 0.3, 0.2]], [[0.9, 0.7, 0.8]], [1], [1, 1, 2], [0], [0, 1, 1], [0], top=1)
     >>> [(s.gallery, s.rank, s.same_pid) for s in rows[0].all_shown()], rows[0].junk
     ([(2, 1, False), (1, 2, True)], 1)
     """
@@ -106,8 +106,7 @@ def build_rows(dist, scores, q_pids, g_pids, q_cams, g_cams, queries, top: int =
         ap = float(per_query(dist[q : q + 1], q_pids[q : q + 1], g_pids, q_cams[q : q + 1], g_cams)["ap"][0])
         hits = np.flatnonzero(kept_same)
         first = int(hits[0]) if len(hits) else -1
-
-        def shown(pos: int) -> Shown:
+        def shown(pos: int, q=q, kept=kept, kept_same=kept_same) -> Shown:
             g = int(kept[pos])
             return Shown(g, pos + 1, float(scores[q, g]), bool(kept_same[pos]))
 
@@ -118,6 +117,16 @@ def build_rows(dist, scores, q_pids, g_pids, q_cams, g_cams, queries, top: int =
         row.junk = int(junk[: int(np.flatnonzero(order == last)[0]) + 1].sum()) if last is not None else 0
         out.append(row)
     return out
+
+
+def check_report_dir(out_dir) -> Path:
+    """Create the report folder ``out_dir`` (parents too) or raise QAConvError when that is impossible."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise QAConvError(f"report folder {out_dir} is a file; expected a folder (it is created if missing)") from None
+    return out_dir
 
 
 def _slug(name: str) -> str:
@@ -163,16 +172,17 @@ def _img(src: str, cls: str, title: str, extra: str = "") -> str:
             "onload=\"this.dataset.state='ok'\" onerror=\"this.dataset.state='broken'\">")
 
 
-def _render_rows(rows: list[QueryRow], data, prefix: str) -> str:
+def _render_rows(rows: list[QueryRow], data, prefix: str, group: str) -> str:
     q_recs, g_recs = data.query, data.gallery
     parts = []
     for row in rows:
         q = q_recs[row.query]
         q_title = f"{Path(q.path).name}  id {q.pid}  cam {q.camid + 1}"
+        q_attr = f' data-q="{row.query}"'
         match_link = next((s.match_png for s in row.all_shown() if s.match_png and s.rank == 1), None)
         link = f'<a href="{quote(match_link)}">rank-1 match</a>' if match_link else ""
         cells = [
-            f'<td class="qcell">{_img(f"{prefix}/thumbs/q{row.query:05d}.jpg", "q", q_title)}'
+            f'<td class="qcell">{_img(f"{prefix}/thumbs/q{row.query:05d}.jpg", "q", q_title, q_attr)}'
             f'<div class="cap">q{row.query} · id {html.escape(str(q.pid))} · c{q.camid + 1}</div>'
             f'<div class="cap">AP {100 * row.ap:.1f}% · 1st hit #{row.first_rank}</div><div class="cap">{link}</div>'
             "</td>"
@@ -190,7 +200,7 @@ def _render_rows(rows: list[QueryRow], data, prefix: str) -> str:
                          f'<div class="cap"><b>#{s.rank}</b> {_fmt(s.score)}{star}</div></td>')
         junk = f'<td class="gap junk">{row.junk} junk skipped</td>' if row.junk else ""
         parts.append(f"<tr>{''.join(cells)}{junk}</tr>")
-    return '<table class="ranks">' + "".join(parts) + "</table>"
+    return f'<table class="ranks" data-group="{group}">' + "".join(parts) + "</table>"
 
 
 def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher=None, results: dict | None = None,
@@ -204,7 +214,7 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
     ranks up to ``match_ranks`` and for each list's first true match. ``results`` (label -> RankResult)
     gives the CMC curves.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_report_dir(out_dir)
     if not dists:
         raise QAConvError("report: no distance matrices to rank by")
     rank_by = list(dists)[-1] if rank_by is None else rank_by
@@ -271,8 +281,8 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
     )
     body = (
         f'<section><h2>{html.escape(str(data.name))}</h2><div class="top">{cmc_html}{info}</div>'
-        f"<h3>Worst {len(worst)} queries (lowest AP)</h3>{_render_rows(groups['worst'], data, prefix)}"
-        f"<h3>{len(sample)} random queries (seed {seed})</h3>{_render_rows(groups['random'], data, prefix)}"
+        f"<h3>Worst {len(worst)} queries (lowest AP)</h3>{_render_rows(groups['worst'], data, prefix, 'worst')}"
+        f"<h3>{len(sample)} random queries (seed {seed})</h3>{_render_rows(groups['random'], data, prefix, 'random')}"
         "</section>"
     )
     return Section(str(data.name), body, files)
@@ -324,10 +334,7 @@ def render_html(sections: list[Section], results: dict, title: str = "QAConv eva
 
 def write_report(out_dir, sections: list[Section], results: dict, title: str = "QAConv evaluation report") -> Path:
     """Write ``out_dir/index.html`` (pictures are already in place from :func:`report_testset`)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QAConvError(f"report folder {out_dir} is a file; expected a folder (it is created if missing)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_report_dir(out_dir)
     path = out_dir / "index.html"
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(render_html(sections, results, title), encoding="utf-8")
@@ -340,9 +347,7 @@ def report_from_evaluation(out_dir, data, kept: dict, matcher, results: dict, cf
     """:func:`report_testset` on what ``evaluate_dataset(..., keep=kept)`` kept (distances, feature maps), with
     ``cfg['report_queries']`` worst and random queries (random ones drawn with seed 0, so reports of different
     models on one test set show the same queries)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QAConvError(f"report folder {out_dir} is a file; expected a folder (it is created if missing)")
+    out_dir = check_report_dir(out_dir)
     n = int(cfg.get("report_queries", 10))
     return report_testset(out_dir, data, kept["dists"], kept.get("q"), kept.get("g"), matcher, results,
                           image_size=(cfg["height"], cfg["width"]), num_worst=n, num_random=n,

@@ -199,6 +199,10 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
     names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
     results: dict[str, RankResult] = {}
     sections = []  # HTML report sections, with cfg['report']
+    if cfg.get("report"):
+        from ..report import check_report_dir
+
+        check_report_dir(cfg["report"])  # fail before the evaluation
     for name in filter(None, names):
         data = load_dataset(name, cfg["data_dir"], progress=progress)
         kept = {} if cfg.get("report") else None
