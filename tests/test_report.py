@@ -2,6 +2,7 @@
 that the page's images load in headless Chromium."""
 
 import doctest
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ from qaconv.report import build_rows, choose_queries, render_html, report_testse
 
 CHROMIUM = Path("/usr/bin/chromium")
 TINY = {"arch": "resnet18", "ibn": None, "pretrained": None, "height": 64, "width": 32, "neck": 16}
+TRAIN_TINY = ["--dataset", "synth_A", "--arch", "resnet18", "--ibn", "none", "--pretrained", "none", "--height", "64",
+              "--width", "32", "--neck", "16", "--batch-size", "8", "--num-instance", "2", "--max-epochs", "1"]
 
 
 # ---------------------------------------------------------------- brute-force references
@@ -233,6 +236,8 @@ def test_files_are_self_contained(report):
 
 def _chromium_dom(url: str, profile: Path) -> str:
     if not CHROMIUM.exists():
+        if os.environ.get("QACONV_REQUIRE_CHROMIUM"):  # set by .ci/run, which installs it
+            pytest.fail("QACONV_REQUIRE_CHROMIUM is set but /usr/bin/chromium is missing")
         pytest.skip("headless rendering check needs /usr/bin/chromium (apt-get install chromium)")
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -274,24 +279,31 @@ def test_without_qaconv_matcher_no_match_pictures(tiny_domain, tmp_path):
     assert render_html([section], {}).count("<section>") == 1
 
 
-def test_cli_train_and_evaluate_write_reports(tiny_domain, tmp_path, capsys):
+def test_cli_evaluate_writes_report_and_train_passes_it_on(tiny_domain, tmp_path, capsys):
+    from qaconv.cli import build_parser
+    from qaconv.engine.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = {**DEFAULTS, **TINY}
+    model, matcher = build_model(cfg, load_weights=False)
+    run = tmp_path / "run"
+    save_checkpoint({"config": cfg, "model": model.state_dict(), "matcher": matcher.state_dict()},
+                    run / "checkpoint.pt")
     common = ["--data-dir", str(tiny_domain.parent), "--workers", "0", "--device", "cpu"]
-    run, rep = tmp_path / "run", tmp_path / "rep_train"
-    code = main(["train", "--dataset", "synth_A", "--testsets", "synth_A", "-o", str(run), "--arch", "resnet18",
-                 "--ibn", "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16",
-                 "--batch-size", "8", "--num-instance", "2", "--max-epochs", "1", "--report", str(rep),
+    rep = tmp_path / "rep"
+    code = main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--report", str(rep),
                  "--report-queries", "2", *common])
     assert code == 0 and f"wrote report {rep / 'index.html'}" in capsys.readouterr().out
-    assert len(Page((rep / "index.html").read_text()).group("worst")) == 2
-    rep2 = tmp_path / "rep_eval"
-    code = main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--report", str(rep2),
-                 "--report-queries", "3", *common])
-    assert code == 0
-    page = Page((rep2 / "index.html").read_text())
-    assert len(page.group("worst")) == 3 and len(page.group("random")) == 3
+    page = Page((rep / "index.html").read_text())
+    assert len(page.group("worst")) == 2 and len(page.group("random")) == 2
+    # train takes the same options into the configuration of its final evaluation ...
+    args = build_parser().parse_args(["train", "--report", "r", "--report-queries", "3"])
+    assert {k: getattr(args, k) for k in DEFAULTS}.items() >= {"report": "r", "report_queries": 3}.items()
+    # ... and rejects an unusable report folder before training
     bad = tmp_path / "file"
     bad.write_text("x")
-    capsys.readouterr()
-    code = main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--report", str(bad), *common])
-    err = capsys.readouterr().err
-    assert code == 1 and "is a file" in err and len(err.strip().splitlines()) == 1
+    for argv in (["evaluate", "--checkpoint", str(run)], ["train", "-o", str(tmp_path / "run2"), *TRAIN_TINY]):
+        code = main([*argv, "--testsets", "synth_A", "--report", str(bad), *common])
+        err = capsys.readouterr().err
+        assert code == 1 and "is a file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run2" / "checkpoint.pt").exists()
