@@ -144,6 +144,24 @@ def test_build_rows_against_brute_force():
         assert row.junk == sum(g_pids[j] == q_pids[i] and g_cams[j] == q_cams[i] for j in upto)
 
 
+def test_per_query_against_brute_force():
+    from qaconv.metrics import evaluate_rank, per_query
+
+    rng = np.random.default_rng(3)
+    dist = rng.integers(0, 5, size=(15, 25)).astype(float)
+    ids = (rng.integers(0, 4, 15), rng.integers(0, 4, 25), rng.integers(0, 2, 15), rng.integers(0, 2, 25))
+    got = per_query(dist, *ids)
+    q_pids, g_pids, q_cams, g_cams = ids
+    for i in range(15):
+        ap = brute_ap(dist[i], q_pids[i], q_cams[i], g_pids, g_cams)
+        assert got["valid"][i] == (ap is not None)
+        assert got["ap"][i] == pytest.approx(ap or 0.0)
+        ranked = brute_list(dist[i], q_pids[i], q_cams[i], g_pids, g_cams)
+        first = next((r for r, j in enumerate(ranked) if g_pids[j] == q_pids[i]), -1)
+        assert got["first_rank"][i] == first
+    assert got["ap"][got["valid"]].mean() == pytest.approx(evaluate_rank(dist, *ids).mAP)
+
+
 def test_report_dir_must_be_a_folder(tmp_path):
     from qaconv.errors import QAConvError
 
