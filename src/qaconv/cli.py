@@ -156,6 +156,19 @@ def _add_post_args(p, d: dict) -> None:
         help="if > 0, QAConv re-scores only each query's M best gallery images by pooled cosine (fast on "
         "large galleries; the rest ranked by cosine below them); 0 = exhaustive",
     )
+    g.add_argument(
+        "--report",
+        default=d["report"],
+        metavar="DIR",
+        help="write a self-contained HTML report to DIR/index.html: metrics, CMC curves, ranked lists of the "
+        "worst and of random queries, match pictures",
+    )
+    g.add_argument(
+        "--report-queries",
+        default=d["report_queries"],
+        type=_positive(int),
+        help="worst and random queries shown per test set in the report",
+    )
 
 
 POST_KEYS = (
@@ -171,6 +184,8 @@ POST_KEYS = (
     "tlift_k",
     "alpha",
     "two_stage",
+    "report",
+    "report_queries",
 )
 
 
@@ -305,6 +320,10 @@ def _cmd_train(args) -> None:
     from .engine.runner import DEFAULTS, train
 
     cfg = {k: getattr(args, k) for k in DEFAULTS}
+    if cfg["report"] and cfg["testsets"]:
+        from .report import check_report_dir
+
+        check_report_dir(cfg["report"])  # fail before training
     train(cfg, resume=args.resume)
 
 

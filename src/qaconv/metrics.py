@@ -135,6 +135,33 @@ def _chunk_stats(d, q_pids, q_camids, g_pids, g_camids):
     return ok, first_rank, ap, inp
 
 
+def per_query(distmat, q_pids, g_pids, q_camids, g_camids) -> dict[str, np.ndarray]:
+    """Per-query results under the protocol of :func:`evaluate_rank`: ``valid`` (bool, a true match is
+    left after junk removal), ``first_rank`` (0-based rank of the first true match among non-junk items,
+    -1 when not valid), ``ap`` and ``inp`` (0 when not valid). ``evaluate_rank``'s mAP is
+    ``ap[valid].mean()``.
+
+    >>> r = per_query([[0.1, 0.9, 0.5]], [1], [1, 1, 2], [0], [1, 2, 1])  # matches at ranks 1 and 3
+    >>> r["first_rank"].tolist(), round(float(r["ap"][0]), 4)  # AP = (1/1 + 2/3) / 2
+    ([0], 0.8333)
+    """
+    d = _distances(distmat)
+    Q, G = d.shape
+    q_pids = _ids(q_pids, "q_pids", Q, "rows", d.shape)
+    q_camids = _ids(q_camids, "q_camids", Q, "rows", d.shape)
+    g_pids = _ids(g_pids, "g_pids", G, "columns", d.shape)
+    g_camids = _ids(g_camids, "g_camids", G, "columns", d.shape)
+    out = {"valid": [], "first_rank": [], "ap": [], "inp": []}
+    step = max(1, _CHUNK_ELEMENTS // max(G, 1))
+    for s in range(0, Q, step):
+        e = min(Q, s + step)
+        ok, first_rank, ap, inp = _chunk_stats(d[s:e], q_pids[s:e], q_camids[s:e], g_pids, g_camids)
+        for key, value in zip(out, (ok, np.where(ok, first_rank, -1), ap, inp), strict=True):
+            out[key].append(value)
+    empty = {"valid": bool, "first_rank": np.int64, "ap": np.float64, "inp": np.float64}
+    return {k: np.concatenate(v) if v else np.zeros(0, dtype=empty[k]) for k, v in out.items()}
+
+
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> RankResult:
     """CMC, mAP and mINP of a [Q, G] distance matrix (smaller = more similar).
 

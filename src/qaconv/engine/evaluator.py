@@ -32,6 +32,8 @@ POST_DEFAULTS: dict = {
     "alpha": 0.2,
     "rerank_dense_max": 30000,  # above this many query+gallery images, re-rank from kNN lists (bounded memory)
     "two_stage": 0,  # > 0: pooled-cosine shortlist of this many gallery items per query, QAConv re-scores it
+    "report": None,  # folder for the HTML report (qaconv.report)
+    "report_queries": 10,  # worst and random queries shown per test set
 }
 
 
@@ -164,8 +166,9 @@ def _two_stage(matcher, q, g, cfg: dict, match: dict, name: str, progress: bool)
     return scores.numpy()
 
 
-def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out_dir=None):
-    """Metrics per post-processing row ('' = plain QAConv) on one test set, and the seconds taken."""
+def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out_dir=None, keep: dict | None = None):
+    """Metrics per post-processing row ('' = plain QAConv) on one test set, and the seconds taken. A ``keep``
+    dict receives the distance matrices ('dists') and feature maps ('q', 'g'), e.g. for the HTML report."""
     start = time.perf_counter()
     not_evaluable = check_evaluable(data.query, data.gallery)
     if not_evaluable and progress:
@@ -202,6 +205,8 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
         [r.camid for r in data.gallery],
     )
     results = {label: evaluate_rank(dist, *ids) for label, dist in rows.items()}
+    if keep is not None:
+        keep.update(dists=rows, q=q, g=g)
     if cfg.get("save_scores") and out_dir is not None:
         written = save_scores(Path(out_dir) / f"{data.name}_scores", rows, data)
         if progress:
@@ -217,9 +222,20 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
     check_post_options(cfg)
     names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
     results: dict[str, RankResult] = {}
+    sections = []  # HTML report sections, with cfg['report']
+    if cfg.get("report"):
+        from ..report import check_report_dir
+
+        check_report_dir(cfg["report"])  # fail before the evaluation
     for name in filter(None, names):
         data = load_dataset(name, cfg["data_dir"], progress=progress)
-        rows, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress, out_dir=out_dir)
+        kept = {} if cfg.get("report") else None
+        rows, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress, out_dir=out_dir, keep=kept)
+        if kept is not None:
+            from ..report import report_from_evaluation
+
+            sections.append(report_from_evaluation(cfg["report"], data, kept, matcher, rows, cfg, progress))
+            del kept
         for label, result in rows.items():
             results[f"{name} {label}".strip()] = result
             if out_dir is not None:
@@ -234,6 +250,12 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
                 append_jsonl(Path(out_dir) / "metrics.jsonl", row)
     if progress and results:
         print(format_table(results))
+    if sections:
+        from ..report import write_report
+
+        path = write_report(cfg["report"], sections, results)
+        if progress:
+            print(f"wrote report {path}")
     return results
 
 
