@@ -360,3 +360,37 @@ def tlift_search(index: GalleryIndex, query_maps: torch.Tensor, matcher, q_cams,
                    tau=tau, sigma=sigma, k=tlift_k, alpha=alpha)
     order = np.argsort(-lifted, axis=1, kind="stable")[:, : min(int(k), len(cols))]
     return np.take_along_axis(lifted, order, axis=1), cols[order]
+
+
+# -- queries and results ----------------------------------------------------------------------------------------
+def query_metadata(index: GalleryIndex, names, cam_labels=None, times=None):
+    """``(pids, cam ids, cam labels, times, gallery times)`` of queries, for display and TLift.
+
+    Cameras and times come from Market-style names unless given (``cam_labels``: one label per query;
+    ``times``: seconds per query). Name times are chained over the session frames of the index's and the
+    queries' Market names together (official convention: over all splits), so the returned gallery times
+    re-chain the index's Market-name entries over the same frames; manifest times stay as stored.
+    Unknown values are -1 / '' / NaN.
+    """
+    metas = [parse_name(str(n)) for n in names]
+    labels = [str(c) for c in cam_labels] if cam_labels is not None else [m.cam_label for m in metas]
+    q_cams, _ = assign_cam_ids(labels, index.cam_map())
+    pids = np.array([m.pid for m in metas], dtype=np.int64)
+    if times is not None:
+        return pids, q_cams, labels, np.asarray(times, dtype=np.float64), index.times
+    n = len(index)
+    t = market_times(np.concatenate((index.cam_labels, [m.cam_label for m in metas])).astype(str),
+                     np.concatenate((index.sessions, [m.session for m in metas])),
+                     np.concatenate((index.frames, [m.frame for m in metas])),
+                     np.concatenate((index.time_sources, [m.time_source for m in metas])))
+    g_times = np.where(index.time_sources == TIME_NAME, t[:n], index.times)
+    return pids, q_cams, labels, t[n:], g_times
+
+
+def result_rows(index: GalleryIndex, scores: np.ndarray, rows: np.ndarray) -> list[list[dict]]:
+    """Per query, its results as dicts: rank (1-based), score, path (relative), pid, cam (label), row."""
+    return [
+        [{"rank": r + 1, "score": float(s), "path": str(index.paths[g]), "pid": int(index.pids[g]),
+          "cam": str(index.cam_labels[g]), "row": int(g)} for r, (s, g) in enumerate(zip(srow, grow, strict=True))]
+        for srow, grow in zip(scores, rows, strict=True)
+    ]
