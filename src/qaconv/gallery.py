@@ -96,7 +96,10 @@ def model_identity(extractor, checkpoint: str | Path) -> dict:
         for key, t in sorted((module.state_dict() if module is not None else {}).items()):
             h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    shape = tuple(int(s) for s in extractor(torch.zeros(3, extractor.height, extractor.width)).shape[1:])
+    if hasattr(extractor.model, "out_channels") and hasattr(extractor.model, "feature_size"):
+        shape = (int(extractor.model.out_channels), *(int(s) for s in extractor.feature_size))
+    else:
+        shape = tuple(int(s) for s in extractor(torch.zeros(3, extractor.height, extractor.width)).shape[1:])
     return {"checkpoint": str(Path(checkpoint).resolve()), "hash": h.hexdigest(), "feature_shape": shape}
 
 
