@@ -277,6 +277,22 @@ def test_tlift_search_equals_direct_tlift(timed_index, extractor, tiny_domain):
     assert not np.allclose(truth, 0.2 * sim)  # the lifting did something
 
 
+def test_query_times_chain_sessions_over_index_and_queries(built):
+    index = built[0]
+    names = ["0001_c2s1_999999_00.jpg", "0001_c2s2_000010_00.jpg", "other.jpg"]
+    pids, cams, labels, q_times, g_times = gal.query_metadata(index, names)
+    market = np.flatnonzero(np.isfinite(index.times))
+    hand = _hand_times([*index.paths[market], *names[:2]])
+    np.testing.assert_allclose(g_times[market], hand[:-2])
+    np.testing.assert_allclose(q_times[:2], hand[-2:])
+    late = list(index.paths).index("0099_c2s2_000100_00.jpg")
+    assert g_times[late] == pytest.approx((100 + 999999) / 25) != index.times[late]
+    assert pids.tolist() == [1, 1, -1] and labels == ["c2", "c2", ""] and cams.tolist() == [1, 1, -1]
+    assert np.isnan(q_times[2])
+    _, cams, labels, q_times, g_times = gal.query_metadata(index, names, ["x", "x", "y"], [1.0, 2.0, 3.0])
+    assert q_times.tolist() == [1.0, 2.0, 3.0] and g_times is index.times and cams[0] == cams[1] != cams[2]
+
+
 def test_tlift_refused_without_times(built, extractor, tiny_domain):
     q = extractor(_queries(tiny_domain, n=2))
     with pytest.raises(QAConvError, match="time stamp for every gallery image"):
@@ -360,3 +376,18 @@ def test_cli_tlift_and_html(tiny_domain, ckpts, tmp_path, capsys):
     assert main([*args[:-3], "--query-time", "1,2,3"]) == 1
     assert "one value or 2" in _error_line(capsys)
     assert main([*args[:-3], "--query-cam", "a", "--query-time", "5"]) == 0  # options instead of names
+
+
+def test_html_escapes_text_and_marks_missing_images(tiny_domain, tmp_path):
+    from qaconv.viz.search_html import write_search_html
+
+    root = tmp_path / "g"
+    root.mkdir()
+    shutil.copy(sorted((tiny_domain / "query").iterdir())[0], root / "a&b <x>.jpg")
+    results = [{"query": str(root / "a&b <x>.jpg"), "pid": -1, "cam": "", "score": "QAConv logit",
+                "results": [{"rank": 1, "score": 1.5, "path": "a&b <x>.jpg", "pid": 3, "cam": "c1", "row": 0},
+                            {"rank": 2, "score": 1.0, "path": "gone.jpg", "pid": 4, "cam": "c2", "row": 1}]}]
+    page = write_search_html(tmp_path / "r.html", results, root).read_text()
+    assert "a&amp;b &lt;x&gt;.jpg" in page and "<x>" not in page
+    assert page.count("<img ") == 2 and page.count("image missing") == 1
+    assert sorted(p.name for p in (tmp_path / "r_files").iterdir()) == ["g0.png", "q0.png"]
