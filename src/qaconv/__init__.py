@@ -11,23 +11,28 @@ from .data.registry import load_dataset
 from .engine.features import extract_features
 from .engine.runner import load_trained
 from .errors import QAConvError
+from .gallery import GalleryIndex, build_index, load_index, search_index
 from .matching import pairwise_scores
 from .metrics import RankResult, evaluate_rank
 from .models import PooledCosine, QAConv, build_backbone, build_matcher
 from .rerank import k_reciprocal, k_reciprocal_knn
 
 __all__ = [
+    "GalleryIndex",
     "PooledCosine",
     "QAConv",
     "QAConvError",
     "RankResult",
     "build_backbone",
+    "build_index",
     "build_matcher",
     "evaluate_rank",
     "extract_features",
     "k_reciprocal",
     "k_reciprocal_knn",
     "load_dataset",
+    "load_index",
     "load_trained",
     "pairwise_scores",
+    "search_index",
 ]

@@ -292,6 +292,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", default=None, type=float, help="draw every correspondence above this similarity")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
 
+    p = sub.add_parser("index", formatter_class=FORMATTER, help="extract and save the feature maps of a gallery folder")
+    p.add_argument("gallery_dir", help="folder of gallery images (.jpg, .jpeg, .png; searched recursively)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder) written by 'qaconv train'")
+    p.add_argument("-o", "--out", default="gallery.idx", help="index file (npz: float16 maps, metadata, model hash)")
+    p.add_argument("--manifest", default=None, help="CSV 'path,pid,camid[,time]' overriding Market-style names")
+    p.add_argument("--append", action="store_true", help="add only images not yet in OUT (same model required)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild OUT when it already exists")
+    p.add_argument("-b", "--batch-size", default=64, type=_positive(int), help="images per forward pass")
+    p.add_argument("-j", "--workers", default=2, type=_positive(int), help="image-decoding threads")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
+
+    p = sub.add_parser("search", formatter_class=FORMATTER, help="rank the images of a gallery index for queries")
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="query images or folders of them")
+    p.add_argument("--index", required=True, help="index file written by 'qaconv index'")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint the index was built with")
+    p.add_argument("--top", default=10, type=_positive(int), help="results per query")
+    p.add_argument(
+        "--candidates", default=100, type=_positive(int), help="pooled-cosine shortlist re-scored by QAConv (M)"
+    )
+    p.add_argument("--exhaustive", action="store_true", help="score every gallery image with QAConv")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--html", default=None, help="also write an HTML page (thumbnails in a folder next to it)")
+    p.add_argument("--tlift", action="store_true", help="re-rank with temporal lifting (index needs times)")
+    p.add_argument(
+        "--query-cam", default=None, help="camera label of the queries, one or comma-separated per query "
+        "(default: from Market-style names); queries with one label form TLift's co-occurrence groups"
+    )
+    p.add_argument(
+        "--query-time", default=None, help="time stamp (s) of the queries, one or comma-separated per query "
+        "(default: from Market-style names)"
+    )
+    p.add_argument("--tau", default=DEFAULTS["tau"], type=_positive(float), help="TLift co-occurrence window (s)")
+    p.add_argument("--sigma", default=DEFAULTS["sigma"], type=_positive(float), help="TLift Gaussian width (s)")
+    p.add_argument("--tlift-k", default=DEFAULTS["tlift_k"], type=_positive(int), help="TLift K")
+    p.add_argument("--alpha", default=DEFAULTS["alpha"], type=float, help="TLift regulariser")
+    p.add_argument("-b", "--batch-size", default=64, type=_positive(int), help="query images per forward pass")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
+
     p = sub.add_parser("data", formatter_class=FORMATTER, help="inspect datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     q = data_sub.add_parser(
@@ -355,6 +393,104 @@ def _cmd_match(args) -> None:
     print(f"QAConv score {score:.3f}; wrote {path}")
 
 
+def _cmd_index(args) -> None:
+    import numpy as np
+
+    from .extractor import FeatureExtractor
+    from .gallery import append_index, build_index, load_index, save_index
+
+    out = Path(args.out)
+    if not Path(args.gallery_dir).is_dir():
+        raise QAConvError(f"gallery folder {args.gallery_dir} does not exist or is not a folder")
+    if out.exists() and not (args.append or args.overwrite):
+        raise QAConvError(f"{out} exists: pass --append to add new images or --overwrite to rebuild it")
+    old = load_index(out) if args.append and out.exists() else None
+    extractor = FeatureExtractor(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    kw = dict(manifest=args.manifest, workers=args.workers)
+    if old is not None:
+        index, report = append_index(old, args.gallery_dir, extractor, args.checkpoint, **kw)
+    else:
+        index, report = build_index(args.gallery_dir, extractor, args.checkpoint, **kw)
+    bad = report["unreadable"]
+    print(f"added {report['added']} images, skipped {report['skipped']} already in the index, "
+          f"{len(bad)} unreadable skipped" + "".join(f"\n  {p}: {why}" for p, why in bad[:5]))
+    if report["manifest_unmatched"]:
+        print(f"{report['manifest_unmatched']} manifest rows name no image in {args.gallery_dir} (ignored)")
+    if old is not None and not report["added"]:
+        print(f"{out} unchanged: {len(index)} images")
+        return
+    save_index(index, out)
+    c, h, w = index.feature_shape
+    print(f"wrote {out}: {len(index)} images, feature maps {c}x{h}x{w} float16 "
+          f"({index.features.nbytes / 2**20:.1f} MB), {int(np.isfinite(index.times).sum())} with time stamps")
+
+
+def _split_values(text, n: int, kind, name: str):
+    values = [v.strip() for v in text.split(",")]
+    if len(values) not in (1, n):
+        raise QAConvError(f"--{name} needs one value or {n} (one per query), got {len(values)}")
+    try:
+        values = [kind(v) for v in values]
+    except ValueError:
+        raise QAConvError(f"--{name} values must be {kind.__name__}s, got '{text}'") from None
+    return values * n if len(values) == 1 else values
+
+
+def _cmd_search(args) -> None:
+    import json
+
+    import numpy as np
+
+    from . import gallery as gal
+    from .data.market import IMAGE_SUFFIXES
+    from .extractor import FeatureExtractor
+
+    index = gal.load_index(args.index)
+    queries = []
+    for q in map(Path, args.queries):
+        if q.is_dir():
+            queries += [q / p for p in gal.list_images(q)]
+        elif q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES:
+            queries.append(q)
+        else:
+            raise QAConvError(f"query {q} is not an image file ({', '.join(IMAGE_SUFFIXES)}) or a folder")
+    if not queries:
+        raise QAConvError("no query images found")
+    extractor = FeatureExtractor(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    gal.check_model(index, gal.model_identity(extractor, args.checkpoint))
+    maps = extractor([str(q) for q in queries])
+    n = len(queries)
+    cams = _split_values(args.query_cam, n, str, "query-cam") if args.query_cam else None
+    times = _split_values(args.query_time, n, float, "query-time") if args.query_time else None
+    pids, q_cams, labels, q_times, g_times = gal.query_metadata(index, [q.name for q in queries], cams, times)
+    kw = dict(k=args.top, candidates=args.candidates, exhaustive=args.exhaustive, device=args.device)
+    if args.tlift:
+        if not np.isfinite(q_times).all() or (q_cams < 0).any():
+            raise QAConvError("--tlift needs each query's camera and time: Market-style names or --query-cam/-time")
+        lift = dict(tau=args.tau, sigma=args.sigma, tlift_k=args.tlift_k, alpha=args.alpha)
+        scores, rows = gal.tlift_search(index, maps, extractor.matcher, q_cams, q_times, g_times, **lift, **kw)
+    else:
+        scores, rows = gal.search_index(index, maps, extractor.matcher, **kw)
+    kind = "TLift-lifted similarity" if args.tlift else "QAConv logit"
+    ranked = gal.result_rows(index, scores, rows)
+    results = [{"query": str(q), "pid": int(p), "cam": c, "time": float(t) if np.isfinite(t) else None,
+                "score": kind, "results": r}
+               for q, p, c, t, r in zip(queries, pids, labels, q_times, ranked, strict=True)]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for res in results:
+            print(f"query {res['query']} (pid {res['pid']}, cam {res['cam'] or '-'}); score = {kind}")
+            print(f"{'rank':>4s} {'score':>9s} {'pid':>6s} {'cam':>6s}  path")
+            for r in res["results"]:
+                print(f"{r['rank']:4d} {r['score']:9.4f} {r['pid']:6d} {r['cam'] or '-':>6s}  {r['path']}")
+    if args.html:
+        from .viz.search_html import write_search_html
+
+        path = write_search_html(args.html, results, index.root, title=f"qaconv search: {Path(args.index).name}")
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+
+
 def _cmd_data(args) -> None:
     import json
 
@@ -399,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         "synth": _cmd_synth,
         "data": _cmd_data,
         "match": _cmd_match,
+        "index": _cmd_index,
+        "search": _cmd_search,
     }
     try:
         if args.command == "demo":

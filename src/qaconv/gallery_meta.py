@@ -1,0 +1,162 @@
+"""Identity, camera and time of gallery / query images: Market-style names, a CSV manifest, or unknown (-1).
+
+A Market-style name (``0002_c1s1_000451_03.jpg``) gives pid 2, camera label ``c1``, session 1 and frame
+451; its time stamp is the frame number, shifted by the chained session offsets of its camera
+(:func:`qaconv.data.market.market_session_offsets`, official convention), over 25 fps. A gallery manifest
+is a CSV with columns ``path,pid,camid[,time]`` (``path`` relative to the CSV's folder or absolute; other
+columns ignored); its rows override what the names say. Camera labels map to integer ids with
+:func:`assign_cam_ids`.
+
+Example::
+
+    meta = parse_name("0002_c1s1_000451_03.jpg")      # ImageMeta(pid=2, cam_label='c1', session=1, frame=451, ...)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data.manifest import REQUIRED
+from .data.market import market_session_offsets
+from .data.records import MARKET_FPS, MARKET_NAME
+from .errors import QAConvError
+
+UNKNOWN = -1
+TIME_NONE, TIME_NAME, TIME_MANIFEST = 0, 1, 2  # where an image's time stamp comes from
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What is known of one image; -1 / '' / NaN when unknown. ``time`` is only set from a manifest."""
+
+    pid: int = UNKNOWN
+    cam_label: str = ""
+    session: int = UNKNOWN
+    frame: int = UNKNOWN
+    time: float = math.nan
+    time_source: int = TIME_NONE
+
+
+def parse_name(name: str) -> ImageMeta:
+    """Metadata from a Market-1501 style file name (any folder part is ignored), else all unknown."""
+    m = MARKET_NAME.match(Path(name).name)
+    if m is None:
+        return ImageMeta()
+    return ImageMeta(int(m.group(1)), f"c{m.group(2)}", int(m.group(3)), int(m.group(4)), math.nan, TIME_NAME)
+
+
+def market_times(cam_labels, sessions, frames, sources) -> np.ndarray:
+    """Seconds for the entries whose time comes from their Market name (NaN elsewhere).
+
+    Session offsets are chained per camera over the frames of exactly these entries, so the same set of
+    names always gives the same times (the official code chains over train + query + gallery).
+    """
+    sources = np.asarray(sources)
+    sel = np.flatnonzero(sources == TIME_NAME)
+    cams = [int(cam_labels[i][1:]) for i in sel]
+    frames_by: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, cam in zip(sel, cams, strict=True):
+        frames_by[(cam, int(sessions[i]))].append(int(frames[i]))
+    offsets = market_session_offsets(frames_by)
+    out = np.full(len(sources), np.nan, dtype=np.float64)
+    for i, cam in zip(sel, cams, strict=True):
+        out[i] = (int(frames[i]) + offsets[(cam, int(sessions[i]))]) / MARKET_FPS
+    return out
+
+
+def read_gallery_manifest(csv_path: str | Path) -> dict[str, ImageMeta]:
+    """Rows of a ``path,pid,camid[,time]`` CSV keyed by the image's resolved absolute path.
+
+    pid ``-1`` means unknown; an empty ``time`` cell means no time. Problems raise :class:`QAConvError`
+    naming ``file:line`` and the column.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise QAConvError(f"manifest {csv_path} does not exist")
+    out: dict[str, ImageMeta] = {}
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip().lower() for h in next(reader, [])]
+            missing = [c for c in REQUIRED if c not in header]
+            if missing:
+                raise QAConvError(
+                    f"{csv_path}:1: missing column(s) {', '.join(missing)}; expected a header 'path,pid,camid[,time]'"
+                )
+            idx = {c: header.index(c) for c in (*REQUIRED, "time") if c in header}
+            for fields in reader:
+                if not any(f.strip() for f in fields):
+                    continue
+                line = reader.line_num
+                cell = {c: (fields[i].strip() if i < len(fields) else "") for c, i in idx.items()}
+                for col in REQUIRED:
+                    if not cell[col]:
+                        raise QAConvError(f"{csv_path}:{line}: column '{col}' is empty")
+                try:
+                    pid = int(cell["pid"])
+                except ValueError:
+                    raise QAConvError(
+                        f"{csv_path}:{line}: column 'pid' must be an integer, got {cell['pid']!r}"
+                    ) from None
+                time, source = math.nan, TIME_NONE
+                if cell.get("time"):
+                    try:
+                        time = float(cell["time"])
+                    except ValueError:
+                        time = math.nan
+                    if not math.isfinite(time):
+                        raise QAConvError(
+                            f"{csv_path}:{line}: column 'time' must be a number of seconds, got {cell['time']!r}"
+                        )
+                    source = TIME_MANIFEST
+                path = Path(cell["path"]).expanduser()
+                key = str((path if path.is_absolute() else csv_path.parent / path).resolve())
+                if key in out:
+                    raise QAConvError(f"{csv_path}:{line}: image {cell['path']} is listed twice")
+                out[key] = ImageMeta(pid, cell["camid"], UNKNOWN, UNKNOWN, time, source)
+    except UnicodeDecodeError as exc:
+        raise QAConvError(f"{csv_path}: not a UTF-8 text file ({exc.reason})") from None
+    except csv.Error as exc:
+        raise QAConvError(f"{csv_path}: malformed CSV ({exc})") from None
+    return out
+
+
+def _label_order(label: str):
+    try:
+        return (0, int(label), "")
+    except ValueError:
+        return (1, 0, label)
+
+
+def _preferred_id(label: str) -> int:
+    """Integer labels keep their value, Market labels cN become N-1 (as in the dataset loaders)."""
+    try:
+        return int(label)
+    except ValueError:
+        m = re.fullmatch(r"c(\d)", label)
+        return int(m.group(1)) - 1 if m else UNKNOWN
+
+
+def assign_cam_ids(labels, known: dict[str, int] | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """Integer camera ids for ``labels`` ('' = unknown = -1) and the updated ``label -> id`` map.
+
+    Known labels keep their id. New labels, in natural order, take their preferred id (an integer label
+    its value, ``cN`` N-1) when it is free, else the smallest free id: stable under appending.
+    """
+    mapping = dict(known or {})
+    used = set(mapping.values())
+    for label in sorted({x for x in labels if x and x not in mapping}, key=_label_order):
+        cid = _preferred_id(label)
+        if cid < 0 or cid in used:
+            cid = next(i for i in range(len(used) + 1) if i not in used)
+        mapping[label] = cid
+        used.add(cid)
+    ids = np.array([mapping[x] if x else UNKNOWN for x in labels], dtype=np.int64)
+    return ids, mapping
