@@ -165,8 +165,16 @@ def test_fake_official_checkpoint_loads_exactly(tmp_path, version, style, prefix
         torch.testing.assert_close(own["neck.weight"], model["neck_conv.weight"], rtol=0, atol=0)
         torch.testing.assert_close(own["neck.bias"], model["neck_conv.bias"], rtol=0, atol=0)
     else:  # conv without bias, then BatchNorm2d in eval mode
-        ref = F.batch_norm(F.conv2d(x, model["neck_conv.weight"], padding=1), model["neck_bn.running_mean"],
-                           model["neck_bn.running_var"], model["neck_bn.weight"], model["neck_bn.bias"], False, 0, 1e-5)
+        ref = F.batch_norm(
+            F.conv2d(x, model["neck_conv.weight"], padding=1),
+            model["neck_bn.running_mean"],
+            model["neck_bn.running_var"],
+            model["neck_bn.weight"],
+            model["neck_bn.bias"],
+            False,
+            0,
+            1e-5,
+        )
         torch.testing.assert_close(backbone.neck(x), ref, rtol=1e-4, atol=1e-4)
     # official input: [0, 1] RGB, no mean/std; output unit-norm per location
     img = torch.rand(3, 3, 32, 16)
@@ -209,14 +217,23 @@ def test_missing_unexpected_and_wrong_layout_give_one_line(tmp_path):
     del ckpt["model"]["base.layer2.1.IN.weight"]
     ckpt["model"]["base.layer3.0.extra.weight"] = torch.zeros(1)
     torch.save(ckpt, path)
-    _one_line_error(lambda: load_official_checkpoint(path, **kw), "1 missing keys", "base.layer2.1.IN.weight",
-                    "1 unexpected keys", "base.layer3.0.extra.weight")
+    _one_line_error(
+        lambda: load_official_checkpoint(path, **kw),
+        "1 missing keys",
+        "base.layer2.1.IN.weight",
+        "1 unexpected keys",
+        "base.layer3.0.extra.weight",
+    )
 
     fake_official(path)
-    _one_line_error(lambda: load_official_checkpoint(path, **{**kw, "ibn": None}), "unexpected keys",
-                    "look like arch=resnet18, ibn=b, neck=16")
-    _one_line_error(lambda: load_official_checkpoint(path, **{**kw, "arch": "resnet34"}), "missing keys",
-                    "arch=resnet18")
+    _one_line_error(
+        lambda: load_official_checkpoint(path, **{**kw, "ibn": None}),
+        "unexpected keys",
+        "look like arch=resnet18, ibn=b, neck=16",
+    )
+    _one_line_error(
+        lambda: load_official_checkpoint(path, **{**kw, "arch": "resnet34"}), "missing keys", "arch=resnet18"
+    )
     _one_line_error(lambda: load_official_checkpoint(path, **{**kw, "neck": 128}), "pass neck=16")
     _one_line_error(lambda: load_official_checkpoint(path, **{**kw, "height": 64}), "fc takes 2 values", "4x1=4")
 

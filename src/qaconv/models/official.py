@@ -23,8 +23,13 @@ from .weights import RESNET_CHILDREN
 _SHOW = 4
 _BN_EPS = 1e-5  # nn.BatchNorm2d default, used by the official v1 neck_bn
 _MEMORY_BUFFERS = ("class_memory", "valid_class")  # v1 class-memory loss state, not part of the matcher
-_LAYER3_BLOCKS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101",
-                  (True, 36): "resnet152"}
+_LAYER3_BLOCKS = {
+    (False, 2): "resnet18",
+    (False, 6): "resnet34",
+    (True, 6): "resnet50",
+    (True, 23): "resnet101",
+    (True, 36): "resnet152",
+}
 
 
 def _numpy_safe_globals() -> list:
@@ -121,9 +126,9 @@ def _backbone_state(model_state: dict, backbone: FeatureMapNet, final_layer: str
             mapped[key] = value  # reported as unexpected below
     if "neck_conv.weight" in other:
         mapped["neck.weight"], mapped["neck.bias"] = _fold_neck_bn(other)
-        known = {"neck_conv.weight", "neck_conv.bias"} | {f"neck_bn.{n}" for n in
-                                                           ("weight", "bias", "running_mean", "running_var",
-                                                            "num_batches_tracked")}
+        known = {"neck_conv.weight", "neck_conv.bias"} | {
+            f"neck_bn.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        }
         mapped.update({k: v for k, v in other.items() if k not in known})
     else:
         mapped.update(other)
