@@ -122,6 +122,8 @@ def test_export_onnx_matches_pytorch(tmp_path, capsys):
         got = session.run(None, {"images": x.numpy()})[0]
         assert got.shape == ref.shape
         assert abs(got - ref).max() < 1e-4
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--onnx", str(onnx_path), "--opset", "99"]) == 1
+    assert "opset must be between 11 and" in capsys.readouterr().err
 
 
 def test_export_without_onnx_says_so(tmp_path, monkeypatch, capsys):

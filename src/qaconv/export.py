@@ -8,6 +8,7 @@ check runs the file with ``onnxruntime`` when that is installed (``pip install '
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import warnings
@@ -19,6 +20,7 @@ import torch
 from .errors import QAConvError
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 11  # IBN-a's channel split does not export below 11
 
 
 def _require(module: str, purpose: str) -> None:
@@ -55,12 +57,15 @@ def export_onnx(
         height = cfg["height"] if height is None else height
         width = cfg["width"] if width is None else width
     elif isinstance(checkpoint_or_model, torch.nn.Module):
-        model = checkpoint_or_model
+        model = copy.deepcopy(checkpoint_or_model)  # the caller's model keeps its device and mode
     else:
         raise QAConvError(f"export_onnx needs a checkpoint path or a model, got {type(checkpoint_or_model).__name__}")
     if height is None or width is None or int(height) < 1 or int(width) < 1:
         raise QAConvError(f"export_onnx needs a positive input height and width, got {height}x{width}")
     height, width = int(height), int(width)
+    max_opset = _max_opset()
+    if not MIN_OPSET <= int(opset) <= max_opset:
+        raise QAConvError(f"ONNX opset must be between {MIN_OPSET} and {max_opset} for this exporter, got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
@@ -106,6 +111,13 @@ def export_onnx(
     return info
 
 
+def _max_opset() -> int:
+    """Highest opset of torch's TorchScript-based exporter (20 in torch 2.x)."""
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+
+
 def run_onnx(path: str | os.PathLike, images: torch.Tensor | np.ndarray) -> np.ndarray:
     """Feature maps from an exported file with onnxruntime (CPU): ``images`` [N, 3, H, W] RGB in [0, 1]."""
     _require("onnxruntime", "running an ONNX model")
@@ -119,6 +131,7 @@ def run_onnx(path: str | os.PathLike, images: torch.Tensor | np.ndarray) -> np.n
 def onnx_parity(model: torch.nn.Module, path, height: int, width: int, batch: int = 2, seed: int = 0) -> float:
     """Largest absolute difference between onnxruntime and PyTorch on a random batch."""
     images = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    model = copy.deepcopy(model).to("cpu").eval()
     with torch.no_grad():
-        ref = model.to("cpu").eval()(images).numpy()
+        ref = model(images).numpy()
     return float(np.abs(run_onnx(path, images) - ref).max())
