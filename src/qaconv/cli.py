@@ -330,6 +330,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", default=64, type=_positive(int), help="query images per forward pass")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
 
+    p = sub.add_parser(
+        "convert", formatter_class=FORMATTER, help="official QAConv checkpoint.pth.tar -> this package's checkpoint"
+    )
+    p.add_argument("official", help="checkpoint.pth.tar written by the official QAConv code")
+    p.add_argument("-o", "--out-dir", required=True, help="folder for checkpoint.pt and config.yaml")
+    p.add_argument(
+        "-a",
+        "--arch",
+        default="resnet50",
+        choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+        help="the official run's --arch",
+    )
+    p.add_argument("--ibn", default="b", type=_choices_or_none("a", "b", "none"), help="the official run's --ibn")
+    p.add_argument(
+        "--final-layer", default="layer3", choices=["layer2", "layer3", "layer4"], help="the official --final_layer"
+    )
+    p.add_argument("--neck", default=128, type=int, help="the official run's --neck (v1.1-v2.0 READMEs used 64)")
+    p.add_argument("--height", default=384, type=_positive(int), help="the official run's --height")
+    p.add_argument("--width", default=128, type=_positive(int), help="the official run's --width")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/checkpoint.pt")
+
+    p = sub.add_parser("export", formatter_class=FORMATTER, help="export the feature extractor to ONNX")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder) from 'qaconv train' or 'convert'")
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--opset", default=17, type=_positive(int), help="ONNX opset version")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
+
     p = sub.add_parser("data", formatter_class=FORMATTER, help="inspect datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     q = data_sub.add_parser(
@@ -489,6 +516,24 @@ def _cmd_search(args) -> None:
 
         path = write_search_html(args.html, results, index.root, title=f"qaconv search: {Path(args.index).name}")
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+def _cmd_convert(args) -> None:
+    from .convert import convert_official
+
+    kw = {k: getattr(args, k) for k in ("arch", "ibn", "final_layer", "neck", "height", "width", "overwrite")}
+    path = convert_official(args.official, args.out_dir, **kw)
+    print(f"wrote {path}; evaluate with: qaconv evaluate --checkpoint {args.out_dir} --testsets NAME")
+
+
+def _cmd_export(args) -> None:
+    from .export import export_onnx
+
+    info = export_onnx(args.checkpoint, args.onnx, opset=args.opset, check=not args.no_check)
+    shape_in, shape_out = (", ".join(map(str, info[k])) for k in ("input_shape", "output_shape"))
+    print(f"wrote {info['path']} (opset {info['opset']}): images [{shape_in}] RGB in [0, 1] -> maps [{shape_out}]")
+    if info["max_abs_diff"] is not None:
+        print(f"onnxruntime vs PyTorch: max |difference| {info['max_abs_diff']:.2e}")
+    elif not args.no_check:
+        print("onnxruntime is not installed: parity not checked (pip install 'qaconv[onnx]')")
 
 
 def _cmd_data(args) -> None:
@@ -537,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         "match": _cmd_match,
         "index": _cmd_index,
         "search": _cmd_search,
+        "convert": _cmd_convert,
+        "export": _cmd_export,
     }
     try:
         if args.command == "demo":

@@ -182,7 +182,7 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
 def load_trained(path: str | Path, device=None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """Model, matcher and config from a checkpoint written by ``qaconv train`` (eval mode)."""
     state = load_checkpoint(path)
-    if "config" not in state or "model" not in state:
+    if any(k not in state for k in ("config", "model", "matcher")):
         raise QAConvError(f"{path} holds no trained model (expected a checkpoint from 'qaconv train')")
     cfg = {**DEFAULTS, **state["config"]}
     model, matcher = build_model(cfg, load_weights=False)
