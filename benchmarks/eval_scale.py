@@ -1,10 +1,15 @@
 """Exhaustive versus two-stage QAConv evaluation at Market-1501 scale (prints figures, never asserts).
 
 Usage: ``python benchmarks/eval_scale.py --fraction 0.05`` (``--probes``, ``--gallery``, ``--channels``,
-``--height``, ``--width``, ``--ids``, ``--noise``, ``--candidates``, ``--exhaustive-probes``).
+``--height``, ``--width``, ``--ids``, ``--noise``, ``--parts``, ``--palette``, ``--detail``, ``--candidates``,
+``--exhaustive-probes``, ``--train-*``).
 
-Synthetic features with identity structure: every identity has a base map ``[C, H, W]``; an image of it is
-the base rolled vertically by a random offset (at most ``--shift`` rows, a misalignment that QAConv's local
+Synthetic features with identity structure: every identity has a base map ``[C, H, W]`` made of ``--parts``
+horizontal bands (body parts), each filled with one of ``--palette`` part vectors shared by all identities
+(people dress alike: global pooling confuses identities with the same combination), plus ``--detail`` times
+identity-specific per-location vectors; ``--parts 0`` makes every location i.i.d. (no spatial structure, the
+hardest case for the pooled first stage). An image of an identity is the base rolled
+vertically by a random offset (at most ``--shift`` rows, a misalignment that QAConv's local
 matching absorbs and global pooling ignores) plus Gaussian noise (``--noise`` times the base's scale), then
 L2-normalised per location. Cameras are random in 0..5. The defaults are Market-1501's test split
 (3,368 probes x 15,913 gallery at 24x8, C=128, 750 identities); ``--fraction f`` scales the probe, gallery
@@ -47,6 +52,22 @@ from qaconv.search import pooled_candidates, two_stage_scores
 def _peak_mib() -> str:
     kib = status_kib("VmHWM")
     return "n/a" if kib is None else f"{kib / 1024:.0f} MiB"
+
+
+def make_bases(
+    num_ids: int, c: int, h: int, w: int, parts: int, palette: int, detail: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Identity base maps ``[N, C, H, W]``: ``parts`` horizontal bands, each holding one of ``palette`` shared
+    part vectors (many people wear similar clothes: pooled features confuse them), plus ``detail`` times
+    i.i.d. per-location vectors (what tells them apart locally); ``parts=0`` gives i.i.d. locations only."""
+    if parts <= 0:
+        return torch.randn(num_ids, c, h, w, generator=gen)
+    band = torch.div(torch.arange(h) * parts, h, rounding_mode="floor")  # row -> part
+    shared = torch.randn(parts, palette, c, generator=gen)
+    choice = torch.randint(palette, (num_ids, parts), generator=gen)
+    part_vec = shared[torch.arange(parts), choice].permute(0, 2, 1)  # [N, C, parts]
+    base = part_vec[:, :, band].unsqueeze(3).expand(num_ids, c, h, w)
+    return base + detail * torch.randn(num_ids, c, h, w, generator=gen)
 
 
 def make_set(n: int, bases: torch.Tensor, noise: float, shift: int, gen: torch.Generator, chunk: int = 512):
@@ -111,8 +132,11 @@ def main(argv=None) -> None:
     ap.add_argument("--height", type=int, default=24)
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--fraction", type=float, default=1.0, help="scale probes, gallery and ids by this")
-    ap.add_argument("--noise", type=float, default=2.5)
+    ap.add_argument("--noise", type=float, default=3.0)
     ap.add_argument("--shift", type=int, default=2)
+    ap.add_argument("--parts", type=int, default=6, help="body-part bands per identity (0: i.i.d. locations)")
+    ap.add_argument("--palette", type=int, default=2, help="shared part vectors to choose from per part")
+    ap.add_argument("--detail", type=float, default=1.0, help="scale of per-location identity detail")
     ap.add_argument("--candidates", type=int, nargs="+", default=[50, 100, 200, 400])
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--exhaustive-probes", type=int, default=None, help="probes for the exhaustive run (all)")
@@ -131,14 +155,15 @@ def main(argv=None) -> None:
     num_ids = max(2, round(args.ids * f))
     c, h, w = args.channels, args.height, args.width
     gen = torch.Generator().manual_seed(args.seed)
-    bases = torch.randn(num_ids, c, h, w, generator=gen)
+    bases = make_bases(num_ids, c, h, w, args.parts, args.palette, args.detail, gen)
     prob, q_pids, q_cams = make_set(num_p, bases, args.noise, args.shift, gen)
     gal, g_pids, g_cams = make_set(num_g, bases, args.noise, args.shift, gen)
     torch.manual_seed(args.seed)
     head = QAConv(c, h, w).eval()  # default eval head: fc weight 1/HW, identity BatchNorms
     print(
         f"threads={torch.get_num_threads()}  fraction={f}  probes={num_p}  gallery={num_g}  ids={num_ids}  "
-        f"C={c}  HxW={h}x{w}  noise={args.noise}  shift={args.shift}"
+        f"C={c}  HxW={h}x{w}  noise={args.noise}  shift={args.shift}  parts={args.parts}  palette={args.palette}  "
+        f"detail={args.detail}"
     )
     print(f"inputs: {(prob.numel() + gal.numel()) * 4 / 2**20:.0f} MiB; peak RSS after building them {_peak_mib()}")
     full_pairs = args.probes * args.gallery
