@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
@@ -38,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .data.images import read_rgb
 from .data.market import IMAGE_SUFFIXES
+from .engine.checkpoint import atomic_write
 from .errors import QAConvError
 from .gallery_meta import TIME_NAME, ImageMeta, assign_cam_ids, market_times, parse_name, read_gallery_manifest
 from .matching import Matcher
@@ -246,18 +245,7 @@ def save_index(index: GalleryIndex, path: str | Path) -> Path:
     arrays = {f.name: getattr(index, f.name) for f in fields(GalleryIndex)}
     arrays.update(format=np.array(FORMAT), root=np.array(index.root), model_checkpoint=np.array(index.model_checkpoint),
                   model_hash=np.array(index.model_hash), feature_shape=np.array(index.feature_shape, dtype=np.int64))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_index(path: str | Path) -> GalleryIndex:

@@ -135,6 +135,19 @@ def _chunk_stats(d, q_pids, q_camids, g_pids, g_camids):
     return ok, first_rank, ap, inp
 
 
+def _inputs(distmat, q_pids, g_pids, q_camids, g_camids):
+    """Checked float distances and int id/camera arrays of consistent shapes."""
+    d = _distances(distmat)
+    Q, G = d.shape
+    return (
+        d,
+        _ids(q_pids, "q_pids", Q, "rows", d.shape),
+        _ids(g_pids, "g_pids", G, "columns", d.shape),
+        _ids(q_camids, "q_camids", Q, "rows", d.shape),
+        _ids(g_camids, "g_camids", G, "columns", d.shape),
+    )
+
+
 def per_query(distmat, q_pids, g_pids, q_camids, g_camids) -> dict[str, np.ndarray]:
     """Per-query results under the protocol of :func:`evaluate_rank`: ``valid`` (bool, a true match is
     left after junk removal), ``first_rank`` (0-based rank of the first true match among non-junk items,
@@ -145,12 +158,8 @@ def per_query(distmat, q_pids, g_pids, q_camids, g_camids) -> dict[str, np.ndarr
     >>> r["first_rank"].tolist(), round(float(r["ap"][0]), 4)  # AP = (1/1 + 2/3) / 2
     ([0], 0.8333)
     """
-    d = _distances(distmat)
+    d, q_pids, g_pids, q_camids, g_camids = _inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     Q, G = d.shape
-    q_pids = _ids(q_pids, "q_pids", Q, "rows", d.shape)
-    q_camids = _ids(q_camids, "q_camids", Q, "rows", d.shape)
-    g_pids = _ids(g_pids, "g_pids", G, "columns", d.shape)
-    g_camids = _ids(g_camids, "g_camids", G, "columns", d.shape)
     out = {"valid": [], "first_rank": [], "ap": [], "inp": []}
     step = max(1, _CHUNK_ELEMENTS // max(G, 1))
     for s in range(0, Q, step):
@@ -175,12 +184,8 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     if int(max_rank) < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
     max_rank = int(max_rank)
-    d = _distances(distmat)
+    d, q_pids, g_pids, q_camids, g_camids = _inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     Q, G = d.shape
-    q_pids = _ids(q_pids, "q_pids", Q, "rows", d.shape)
-    q_camids = _ids(q_camids, "q_camids", Q, "rows", d.shape)
-    g_pids = _ids(g_pids, "g_pids", G, "columns", d.shape)
-    g_camids = _ids(g_camids, "g_camids", G, "columns", d.shape)
 
     step = max(1, _CHUNK_ELEMENTS // max(G, 1))
     ok_all, rank_all, ap_all, inp_all = [], [], [], []
