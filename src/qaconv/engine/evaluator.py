@@ -11,9 +11,9 @@ import torch
 
 from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
-from ..matching import pairwise_scores, pick_device
+from ..matching import pick_device
 from ..metrics import RankResult, evaluate_rank
-from .features import extract_features
+from .distributed import extract_features_sharded, init_from_env, is_main, pairwise_scores_sharded
 from .trainer import append_jsonl
 
 # Post-processing defaults: the official ECCV protocol (k-reciprocal 20/6/0.3, TLift tau 100 s,
@@ -145,7 +145,11 @@ def _take(q: torch.Tensor, g: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
 
 
 def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out_dir=None):
-    """Metrics per post-processing row ('' = plain QAConv) on one test set, and the seconds taken."""
+    """Metrics per post-processing row ('' = plain QAConv) on one test set, and the seconds taken.
+
+    In a process group the features and scores are computed in shares and gathered (exactly the
+    single-process numbers on every rank); only rank 0 prints and writes."""
+    progress = progress and is_main()
     start = time.perf_counter()
     not_evaluable = check_evaluable(data.query, data.gallery)
     if not_evaluable and progress:
@@ -155,10 +159,10 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
         )
     dev = pick_device(cfg.get("device"))
     kw = dict(batch_size=cfg["fea_batch"], workers=cfg.get("workers", 0), device=dev, progress=progress)
-    q = extract_features(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)
-    g = extract_features(model, data.gallery, cfg["height"], cfg["width"], desc=f"{data.name} gallery", **kw)
+    q = extract_features_sharded(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)
+    g = extract_features_sharded(model, data.gallery, cfg["height"], cfg["width"], desc=f"{data.name} gallery", **kw)
     match = dict(device=dev, progress=progress, memory=int(cfg["match_memory"] * 2**20))
-    s_qg = pairwise_scores(matcher, q, g, **match).numpy()
+    s_qg = pairwise_scores_sharded(matcher, q, g, **match).numpy()
 
     def score_fn(rows, cols) -> np.ndarray:
         """Logits between index sets (slices or arrays) of the query+gallery stack, without stacking."""
@@ -168,7 +172,7 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
         for mask in (r < len(q), r >= len(q)):
             if mask.any():
                 prob = _take(q, g, r[mask])
-                out[mask] = pairwise_scores(matcher, prob, gal, **match).numpy()
+                out[mask] = pairwise_scores_sharded(matcher, prob, gal, **match).numpy()
         return out
 
     rows = postprocess(s_qg, data, cfg, score_fn, progress=progress)
@@ -179,7 +183,7 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
         [r.camid for r in data.gallery],
     )
     results = {label: evaluate_rank(dist, *ids) for label, dist in rows.items()}
-    if cfg.get("save_scores") and out_dir is not None:
+    if cfg.get("save_scores") and out_dir is not None and is_main():
         written = save_scores(Path(out_dir) / f"{data.name}_scores", rows, data)
         if progress:
             print("wrote " + ", ".join(map(str, written)))
@@ -191,6 +195,8 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
 
     Keys of the result: the test-set name, and ``NAME +TLift``, ``NAME +RR``, ``NAME +RR+TLift`` when
     asked for (``cfg['rerank']``, ``cfg['tlift']``)."""
+    init_from_env(cfg.get("device"))  # under torchrun: the scores are computed in shares
+    progress = progress and is_main()
     names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
     results: dict[str, RankResult] = {}
     for name in filter(None, names):
@@ -198,7 +204,7 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
         rows, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress, out_dir=out_dir)
         for label, result in rows.items():
             results[f"{name} {label}".strip()] = result
-            if out_dir is not None:
+            if out_dir is not None and is_main():
                 row = {
                     "type": "eval",
                     "testset": name,
