@@ -23,6 +23,7 @@ Example (inside a script started by ``torchrun --nproc_per_node 2 script.py``)::
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 from collections.abc import Sequence
 
@@ -223,11 +224,17 @@ def broadcast_buffers(*modules: torch.nn.Module) -> None:
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device, broadcast_buffers: bool = True) -> torch.nn.Module:
-    """``DistributedDataParallel(module)`` when distributed and ``module`` has trainable parameters."""
+    """``DistributedDataParallel(module)`` when distributed and ``module`` has trainable parameters.
+
+    ``broadcast_buffers=False``: buffers are not re-sent from rank 0 before every forward (for the class
+    memory, which every rank updates identically anyway)."""
     if not is_distributed() or not any(p.requires_grad for p in module.parameters()):
         return module
     ids = [torch.cuda.current_device()] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=broadcast_buffers)
+    ddp_class = torch.nn.parallel.DistributedDataParallel
+    # newer torch renamed the per-forward buffer broadcast (the old name warns); both sync once at init
+    key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_class).parameters else None
+    return ddp_class(module, device_ids=ids, **{key or "broadcast_buffers": broadcast_buffers})
 
 
 # -- sharded evaluation --------------------------------------------------------------------------------
