@@ -198,3 +198,9 @@ def test_single_process_path_starts_no_process_group(monkeypatch):
     maps = torch.nn.functional.normalize(torch.randn(6, 4, 2, 2), dim=1)
     head = QAConv(4, 2, 2).eval()
     assert torch.equal(ddp.pairwise_scores_sharded(head, maps[:2], maps), pairwise_scores(head, maps[:2], maps))
+
+
+def test_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(ddp).failed == 0

@@ -105,7 +105,7 @@ def split_range(n: int, rank: int, world: int) -> slice:
     """This rank's contiguous part of ``range(n)``; parts differ in length by at most one.
 
     >>> [split_range(5, r, 2) for r in range(2)]
-    [slice(0, 3, None), slice(3, 5, None)]
+    [slice(0, 2, None), slice(2, 5, None)]
     """
     return slice(n * rank // world, n * (rank + 1) // world)
 
@@ -118,7 +118,7 @@ def split_batch(batch: Sequence[int], rank: int, world: int, group: int = 1) -> 
     otherwise the images are split evenly. Concatenating the slices of ranks 0..world-1 gives ``batch``.
 
     >>> split_batch([10, 11, 20, 21, 30, 31], 1, 2, group=2)
-    [30, 31]
+    [20, 21, 30, 31]
     """
     batch = list(batch)
     if group > 1 and len(batch) % group == 0 and len(batch) // group >= world:
