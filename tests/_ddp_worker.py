@@ -47,10 +47,10 @@ def make_cfg(root: Path, out_dir: Path, **kw) -> dict:
     return cfg
 
 
-def fixed_steps(root: Path, out_dir: Path, indices_of, steps: int = 3) -> dict[str, dict[str, torch.Tensor]]:
+def fixed_steps(root: Path, out_dir: Path, indices_of, steps: int = 3, loss: str = "triplet") -> dict:
     """``steps`` un-clipped training steps, step i on ``indices_of(global batch i)`` (8 images: 2 of each of 4
-    identities); returns the gradients of the last step and the final parameters."""
-    cfg = make_cfg(root, out_dir)
+    identities); returns the gradients of the last step, the final parameters and the criterion's buffers."""
+    cfg = make_cfg(root, out_dir, loss=loss)
     data = load_market_layout(cfg["dataset"])
     torch.manual_seed(0)
     model, matcher = build_model(cfg, load_weights=False)
@@ -68,7 +68,11 @@ def fixed_steps(root: Path, out_dir: Path, indices_of, steps: int = 3) -> dict[s
         trainer._set_train_mode()
         trainer._step(images, torch.tensor([it[1] for it in items]))
     named = [*model.named_parameters(), *(("criterion." + n, p) for n, p in criterion.named_parameters())]
-    return {"grads": {n: p.grad.clone() for n, p in named}, "params": {n: p.detach().clone() for n, p in named}}
+    return {
+        "grads": {n: p.grad.clone() for n, p in named},
+        "params": {n: p.detach().clone() for n, p in named},
+        "buffers": {n: b.clone() for n, b in criterion.named_buffers()},
+    }
 
 
 class Interrupt(Exception):
@@ -81,8 +85,9 @@ def main(root: Path, out: Path) -> None:
     torch.set_num_threads(1)
     assert ddp.init_from_env("cpu") and ddp.world_size() == 2
     rank = ddp.rank()
-    steps = fixed_steps(root, out / "steps", lambda b: ddp.split_batch(b, rank, 2, group=2))
-    torch.save(steps, out / f"steps_rank{rank}.pt")
+    for loss in ("triplet", "memory"):
+        steps = fixed_steps(root, out / "steps", lambda b: ddp.split_batch(b, rank, 2, group=2), loss=loss)
+        torch.save(steps, out / f"steps_{loss}_rank{rank}.pt")
 
     cfg = make_cfg(root, out / "run")
 

@@ -81,14 +81,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_ddp_steps_equal_single_process_steps_on_the_global_batches(two_ranks, tiny_domain, tmp_path, one_thread):
+@pytest.mark.parametrize("loss", ["triplet", "memory"])
+def test_ddp_steps_equal_single_process_steps_on_the_global_batches(two_ranks, tiny_domain, tmp_path, one_thread, loss):
     """The criterion sees the gathered global batch and DDP averages the rank gradients, so each step is the
-    single-process step on the global batch (backbone BN frozen: no per-rank batch statistics)."""
+    single-process step on the global batch (backbone BN frozen: no per-rank batch statistics); the class
+    memory (v1) gets the same update on both ranks."""
     out, _ = two_ranks
-    s0, s1 = torch.load(out / "steps_rank0.pt"), torch.load(out / "steps_rank1.pt")
-    single = worker.fixed_steps(tiny_domain, tmp_path, lambda batch: batch)
+    s0, s1 = torch.load(out / f"steps_{loss}_rank0.pt"), torch.load(out / f"steps_{loss}_rank1.pt")
+    single = worker.fixed_steps(tiny_domain, tmp_path, lambda batch: batch, loss=loss)
     assert s0["grads"].keys() == single["grads"].keys() and any("criterion.matcher" in k for k in single["grads"])
-    for kind in ("grads", "params"):
+    if loss == "memory":
+        assert float(single["buffers"]["valid_class"].sum()) == 8  # every identity written once
+    for kind in ("grads", "params", "buffers"):
         # float rounding differs (convolutions over 4 images instead of 8): tolerance relative to the tensor's
         # and to the largest magnitude (a few gradients, e.g. of the head's BN shift, are ~0 up to rounding)
         top = max(float(r.abs().max()) for r in single[kind].values())

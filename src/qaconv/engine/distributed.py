@@ -25,7 +25,8 @@ from __future__ import annotations
 import atexit
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -93,6 +94,18 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. generating a synthetic data set on first use), the others after it."""
+    if is_distributed() and not is_main():
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if is_distributed() and is_main():
+            dist.barrier()
 
 
 def _comm_device() -> torch.device:

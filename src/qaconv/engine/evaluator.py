@@ -13,7 +13,7 @@ from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
 from ..matching import pick_device
 from ..metrics import RankResult, evaluate_rank
-from .distributed import extract_features_sharded, init_from_env, is_main, pairwise_scores_sharded
+from .distributed import extract_features_sharded, init_from_env, is_main, main_first, pairwise_scores_sharded
 from .trainer import append_jsonl
 
 # Post-processing defaults: the official ECCV protocol (k-reciprocal 20/6/0.3, TLift tau 100 s,
@@ -200,7 +200,8 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
     names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
     results: dict[str, RankResult] = {}
     for name in filter(None, names):
-        data = load_dataset(name, cfg["data_dir"], progress=progress)
+        with main_first():  # a synthetic test set is generated once, by rank 0
+            data = load_dataset(name, cfg["data_dir"], progress=progress)
         rows, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress, out_dir=out_dir)
         for label, result in rows.items():
             results[f"{name} {label}".strip()] = result

@@ -14,7 +14,7 @@ from ..losses import ClassMemoryLoss, PairwiseMatchingLoss, TripletLoss
 from ..matching import pick_device
 from ..models import build_backbone, build_matcher
 from .checkpoint import load_checkpoint
-from .distributed import init_from_env, is_main
+from .distributed import init_from_env, is_main, main_first
 from .evaluator import POST_DEFAULTS, evaluate
 from .trainer import CHECKPOINT, Trainer, append_jsonl
 
@@ -134,7 +134,8 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
         (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     torch.manual_seed(cfg["seed"])
     model, matcher = build_model(cfg, load_weights=not resume)  # before the data: weight errors come first
-    data = load_dataset(cfg["dataset"], cfg["data_dir"], combine_all=cfg["combine_all"], progress=progress)
+    with main_first():  # a synthetic data set is generated once, by rank 0
+        data = load_dataset(cfg["dataset"], cfg["data_dir"], combine_all=cfg["combine_all"], progress=progress)
     if progress:
         if getattr(data, "found", ""):
             print(data.found)
