@@ -132,10 +132,18 @@ class Matcher:
     available, else CPU); results are float32 CPU tensors. ``memory``: bytes for one tile's working set
     (default 256 MB); it sets the block sizes (see the module docstring). In eval mode the head is folded
     once per call into a weighted sum of the pooled maxima; in training mode the engine runs the head's
-    own forward on blocks (per-block batch statistics).
+    own forward on blocks (per-block batch statistics). ``shard=(rank, world)`` computes only every
+    ``world``-th tile from ``rank`` on and leaves zeros elsewhere (``scores`` / ``self_scores``), so a sum over
+    the ranks gives exactly the unsharded result (see :mod:`qaconv.engine.distributed`).
     """
 
-    def __init__(self, head: nn.Module, device: str | torch.device | None = None, memory: int | None = None):
+    def __init__(
+        self,
+        head: nn.Module,
+        device: str | torch.device | None = None,
+        memory: int | None = None,
+        shard: tuple[int, int] | None = None,
+    ):
         if not isinstance(head, (QAConv, PooledCosine)):
             raise TypeError(f"Matcher needs a QAConv or PooledCosine head, got {type(head).__name__}")
         self.head = head
@@ -143,13 +151,14 @@ class Matcher:
         self.memory = int(DEFAULT_MEMORY if memory is None else memory)
         if self.memory < 1:
             raise ValueError(f"memory budget must be positive, got {self.memory}")
+        self.shard = shard
 
     # -- public API ------------------------------------------------------------------------------------------
     def scores(self, prob_maps: Tensor, gal_maps: Tensor, progress: bool = False) -> Tensor:
         """Logits ``[P, G]`` (float32, CPU) for every probe x gallery pair."""
         if prob_maps is gal_maps:
             return self.self_scores(prob_maps, progress=progress)
-        out = torch.empty(len(prob_maps), len(gal_maps), dtype=torch.float32)
+        out = self._output(len(prob_maps), len(gal_maps))
         for p0, g0, block in self._blocks(prob_maps, gal_maps, progress=progress):
             out[p0 : p0 + block.shape[0], g0 : g0 + block.shape[1]] = block
         return out
@@ -158,12 +167,12 @@ class Matcher:
         """Logits ``[N, N]`` of ``maps`` against itself; each block pair once when the head is symmetric."""
         fold = fold_head(self.head)
         if fold is None or not fold["symmetric"]:
-            out = torch.empty(len(maps), len(maps), dtype=torch.float32)
+            out = self._output(len(maps), len(maps))
             for p0, g0, block in self._blocks(maps, maps, progress=progress):
                 out[p0 : p0 + block.shape[0], g0 : g0 + block.shape[1]] = block
             return out
         n = len(maps)
-        out = torch.empty(n, n, dtype=torch.float32)
+        out = self._output(n, n)
         for p0, g0, block in self._blocks(maps, maps, progress=progress, upper=True, fold=fold):
             out[p0 : p0 + block.shape[0], g0 : g0 + block.shape[1]] = block
             if g0 != p0:
@@ -176,6 +185,8 @@ class Matcher:
         Streams over gallery blocks, keeping a running top-k per probe block: memory O(P*k) beyond the inputs
         and one tile. Scores are exact (the same tile computation as :meth:`scores`).
         """
+        if self.shard is not None:
+            raise ValueError("topk does not support a sharded Matcher; shard the probes instead")
         num_p, num_g = len(prob_maps), len(gal_maps)
         if not 1 <= k <= num_g:
             raise ValueError(f"k must be in [1, {num_g}] (the gallery size), got {k}")
@@ -191,6 +202,11 @@ class Matcher:
         return top_s, top_i
 
     # -- tiles -----------------------------------------------------------------------------------------------
+    def _output(self, rows: int, cols: int) -> Tensor:
+        """The float32 [rows, cols] result buffer; zeros when sharded (other ranks' tiles stay 0)."""
+        make = torch.empty if self.shard is None else torch.zeros
+        return make(rows, cols, dtype=torch.float32)
+
     def _compute_dtype(self) -> torch.dtype:
         return torch.float16 if self.device.type == "cuda" else torch.float32
 
@@ -210,6 +226,8 @@ class Matcher:
         if upper:
             p = g = min(p, g)
         steps = [(i, j) for i in range(0, num_p, p) for j in range(0, num_g, g) if not upper or j >= i]
+        if self.shard is not None:
+            steps = steps[self.shard[0] :: self.shard[1]]
         return p, g, tqdm(steps, desc="matching", disable=not progress, leave=False)
 
     def _blocks_qaconv(self, prob: Tensor, gal: Tensor, fold: dict, progress: bool, upper: bool):
@@ -277,6 +295,7 @@ def pairwise_scores(
     device: str | torch.device | None = None,
     progress: bool = False,
     memory: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Logits [P, G] (float32, CPU) of ``matcher`` over all probe x gallery pairs, chunk by chunk.
 
@@ -285,6 +304,7 @@ def pairwise_scores(
     from the ``memory`` budget in bytes, default 256 MB; ``prob_batch`` / ``gal_batch`` are then not
     used, and ``prob is gal`` takes the symmetric self-matching path). Any other module is called on
     ``prob_batch x gal_batch`` chunks. On CUDA the chunks are matched in fp16 autocast; on CPU in fp32.
+    ``shard=(rank, world)``: only this rank's share of the tiles / chunks, zeros elsewhere (see :class:`Matcher`).
     """
     if prob_batch < 1 or gal_batch < 1:
         raise ValueError(f"chunk sizes must be positive, got {prob_batch}, {gal_batch}")
@@ -293,9 +313,11 @@ def pairwise_scores(
     matcher.eval()
     try:
         if isinstance(matcher, (QAConv, PooledCosine)):
-            return Matcher(matcher, dev, memory=memory).scores(prob, gal, progress=progress)
-        out = torch.empty(len(prob), len(gal), dtype=torch.float32)
+            return Matcher(matcher, dev, memory=memory, shard=shard).scores(prob, gal, progress=progress)
+        out = (torch.empty if shard is None else torch.zeros)(len(prob), len(gal), dtype=torch.float32)
         steps = [(p, g) for p in range(0, len(prob), prob_batch) for g in range(0, len(gal), gal_batch)]
+        if shard is not None:
+            steps = steps[shard[0] :: shard[1]]
         for p, g in tqdm(steps, desc="matching", disable=not progress, leave=False):
             pc = prob[p : p + prob_batch].to(dev, non_blocking=True)
             gc = gal[g : g + gal_batch].to(dev, non_blocking=True)

@@ -12,9 +12,19 @@ import torch
 from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
 from ..errors import QAConvError
-from ..matching import pairwise_scores, pick_device
+from ..matching import pick_device
 from ..metrics import RankResult, evaluate_rank
-from .features import extract_features
+from .distributed import (
+    all_gather_rows,
+    extract_features_sharded,
+    init_from_env,
+    is_main,
+    main_first,
+    pairwise_scores_sharded,
+    rank,
+    split_range,
+    world_size,
+)
 from .trainer import append_jsonl
 
 # Post-processing defaults: the official ECCV protocol (k-reciprocal 20/6/0.3, TLift tau 100 s,
@@ -155,20 +165,26 @@ def check_post_options(cfg: dict) -> None:
 
 
 def _two_stage(matcher, q, g, cfg: dict, match: dict, name: str, progress: bool) -> np.ndarray:
-    """[Q, G] scores from two-stage search (see :func:`qaconv.search.two_stage_scores`)."""
+    """[Q, G] scores from two-stage search (see :func:`qaconv.search.two_stage_scores`); queries are split
+    across the ranks of a process group and the rows gathered."""
     from ..search import two_stage_scores
 
     check_post_options(cfg)
     m = int(cfg["two_stage"])
     if progress:
         print(f"{name}: two-stage matching, QAConv re-scores the {min(m, len(g))} best of {len(g)} by pooled cosine")
-    scores, _ = two_stage_scores(matcher, q, g, m, device=match["device"], memory=match["memory"])
-    return scores.numpy()
+    part = split_range(len(q), rank(), world_size())  # in a process group each rank scores its queries
+    scores, _ = two_stage_scores(matcher, q[part], g, m, device=match["device"], memory=match["memory"])
+    return all_gather_rows(scores).numpy()
 
 
 def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out_dir=None, keep: dict | None = None):
     """Metrics per post-processing row ('' = plain QAConv) on one test set, and the seconds taken. A ``keep``
-    dict receives the distance matrices ('dists') and feature maps ('q', 'g'), e.g. for the HTML report."""
+    dict receives the distance matrices ('dists') and feature maps ('q', 'g'), e.g. for the HTML report.
+
+    In a process group the features and scores are computed in shares and gathered (exactly the
+    single-process numbers on every rank); only rank 0 prints and writes."""
+    progress = progress and is_main()
     start = time.perf_counter()
     not_evaluable = check_evaluable(data.query, data.gallery)
     if not_evaluable and progress:
@@ -178,13 +194,13 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
         )
     dev = pick_device(cfg.get("device"))
     kw = dict(batch_size=cfg["fea_batch"], workers=cfg.get("workers", 0), device=dev, progress=progress)
-    q = extract_features(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)
-    g = extract_features(model, data.gallery, cfg["height"], cfg["width"], desc=f"{data.name} gallery", **kw)
+    q = extract_features_sharded(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)
+    g = extract_features_sharded(model, data.gallery, cfg["height"], cfg["width"], desc=f"{data.name} gallery", **kw)
     match = dict(device=dev, progress=progress, memory=int(cfg["match_memory"] * 2**20))
     if cfg.get("two_stage", 0) > 0:
         s_qg = _two_stage(matcher, q, g, cfg, match, data.name, progress)
     else:
-        s_qg = pairwise_scores(matcher, q, g, **match).numpy()
+        s_qg = pairwise_scores_sharded(matcher, q, g, **match).numpy()
 
     def score_fn(rows, cols) -> np.ndarray:
         """Logits between index sets (slices or arrays) of the query+gallery stack, without stacking."""
@@ -194,7 +210,7 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
         for mask in (r < len(q), r >= len(q)):
             if mask.any():
                 prob = _take(q, g, r[mask])
-                out[mask] = pairwise_scores(matcher, prob, gal, **match).numpy()
+                out[mask] = pairwise_scores_sharded(matcher, prob, gal, **match).numpy()
         return out
 
     rows = postprocess(s_qg, data, cfg, score_fn, progress=progress)
@@ -207,7 +223,7 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
     results = {label: evaluate_rank(dist, *ids) for label, dist in rows.items()}
     if keep is not None:
         keep.update(dists=rows, q=q, g=g)
-    if cfg.get("save_scores") and out_dir is not None:
+    if cfg.get("save_scores") and out_dir is not None and is_main():
         written = save_scores(Path(out_dir) / f"{data.name}_scores", rows, data)
         if progress:
             print("wrote " + ", ".join(map(str, written)))
@@ -220,6 +236,8 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
     Keys of the result: the test-set name, and ``NAME +TLift``, ``NAME +RR``, ``NAME +RR+TLift`` when
     asked for (``cfg['rerank']``, ``cfg['tlift']``)."""
     check_post_options(cfg)
+    init_from_env(cfg.get("device"))  # under torchrun: the scores are computed in shares
+    progress = progress and is_main()
     names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
     results: dict[str, RankResult] = {}
     sections = []  # HTML report sections, with cfg['report']
@@ -228,8 +246,9 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
 
         check_report_dir(cfg["report"])  # fail before the evaluation
     for name in filter(None, names):
-        data = load_dataset(name, cfg["data_dir"], progress=progress)
-        kept = {} if cfg.get("report") else None
+        with main_first():  # a synthetic test set is generated once, by rank 0
+            data = load_dataset(name, cfg["data_dir"], progress=progress)
+        kept = {} if cfg.get("report") and is_main() else None
         rows, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress, out_dir=out_dir, keep=kept)
         if kept is not None:
             from ..report import report_from_evaluation
@@ -238,7 +257,7 @@ def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -
             del kept
         for label, result in rows.items():
             results[f"{name} {label}".strip()] = result
-            if out_dir is not None:
+            if out_dir is not None and is_main():
                 row = {
                     "type": "eval",
                     "testset": name,

@@ -14,6 +14,7 @@ from ..losses import ClassMemoryLoss, PairwiseMatchingLoss, TripletLoss
 from ..matching import pick_device
 from ..models import build_backbone, build_matcher
 from .checkpoint import load_checkpoint
+from .distributed import init_from_env, is_main, main_first
 from .evaluator import POST_DEFAULTS, check_post_options, evaluate
 from .trainer import CHECKPOINT, Trainer, append_jsonl
 
@@ -115,8 +116,12 @@ def _freeze_bn(cfg: dict) -> bool:
 
 
 def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=None) -> dict:
-    """Train per ``cfg`` into ``cfg['out_dir']`` and evaluate on its test sets; returns a summary."""
+    """Train per ``cfg`` into ``cfg['out_dir']`` and evaluate on its test sets; returns a summary.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process joins the group and trains its share (DDP)."""
     check_post_options(cfg)
+    init_from_env(cfg.get("device"))
+    progress = progress and is_main()
     out = Path(cfg["out_dir"])
     if resume:
         saved = load_checkpoint(out / CHECKPOINT)["config"]
@@ -126,10 +131,12 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
         runtime = ("workers", "device", "testsets", "data_dir", *POST_DEFAULTS)  # not part of the training state
         cfg = {**DEFAULTS, **saved, **{k: cfg[k] for k in runtime if k in cfg}}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if is_main():
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     torch.manual_seed(cfg["seed"])
     model, matcher = build_model(cfg, load_weights=not resume)  # before the data: weight errors come first
-    data = load_dataset(cfg["dataset"], cfg["data_dir"], combine_all=cfg["combine_all"], progress=progress)
+    with main_first():  # a synthetic data set is generated once, by rank 0
+        data = load_dataset(cfg["dataset"], cfg["data_dir"], combine_all=cfg["combine_all"], progress=progress)
     if progress:
         if getattr(data, "found", ""):
             print(data.found)
@@ -165,7 +172,8 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
     start = time.perf_counter()
     epochs = trainer.fit(resume=resume, on_epoch_end=on_epoch_end)
     train_s = time.perf_counter() - start
-    append_jsonl(out / "metrics.jsonl", {"type": "train_done", "epochs": trainer.epoch, "time_s": train_s})
+    if is_main():
+        append_jsonl(out / "metrics.jsonl", {"type": "train_done", "epochs": trainer.epoch, "time_s": train_s})
     results = {}
     if cfg.get("testsets"):
         results = evaluate(model, matcher, cfg, cfg["testsets"], out_dir=out, progress=progress)
@@ -180,7 +188,10 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
 
 
 def load_trained(path: str | Path, device=None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    """Model, matcher and config from a checkpoint written by ``qaconv train`` (eval mode)."""
+    """Model, matcher and config from a checkpoint written by ``qaconv train`` (eval mode).
+
+    Under torchrun it first joins the process group, so that ``device=None`` means this process's GPU."""
+    init_from_env(device)
     state = load_checkpoint(path)
     if any(k not in state for k in ("config", "model", "matcher")):
         raise QAConvError(f"{path} holds no trained model (expected a checkpoint from 'qaconv train')")

@@ -19,9 +19,9 @@ from ..data.samplers import GraphSampler, RandomIdentitySampler
 from ..data.transforms import eval_transform, train_transform
 from ..errors import QAConvError
 from ..losses import finite_mean
-from ..matching import pairwise_scores, pick_device
+from ..matching import pick_device
+from . import distributed as ddp
 from .checkpoint import load_checkpoint, save_checkpoint
-from .features import extract_features
 from .schedule import EpochSchedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -67,6 +67,10 @@ class Trainer:
 
     ``criterion(features, targets) -> (loss [B], acc [B])``; ``matcher`` scores feature maps and is used
     by the graph sampler to find neighbouring classes. Everything is written to ``out_dir``.
+
+    Inside a process group (see :mod:`qaconv.engine.distributed`) each rank trains on its slice of the
+    same global batches with DDP; the criterion sees the gathered global batch, and only rank 0 prints
+    and writes files.
     """
 
     def __init__(
@@ -102,6 +106,10 @@ class Trainer:
         if not records:
             raise QAConvError("the training set is empty")
         self.device = pick_device(device)
+        self.rank, self.world = ddp.rank(), ddp.world_size()
+        progress = progress and self.rank == 0
+        if self.world > 1 and self.device.type == "cuda" and not freeze_backbone_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.matcher = matcher.to(self.device)
         self.criterion = criterion.to(self.device)
@@ -120,6 +128,10 @@ class Trainer:
             self.sampler = RandomIdentitySampler(labels, batch_size, num_instance, seed=seed)
         else:
             raise ValueError(f"unknown sampler '{sampler}': choose graph or pk")
+        smallest = min(batch_size, len(self.sampler.classes) * num_instance)
+        if smallest < self.world:
+            raise QAConvError(f"a batch of {smallest} images cannot be split over {self.world} processes")
+        self.num_instance = num_instance
         transform = train_transform(height, width) if augment else eval_transform(height, width)
         self.strict = strict
         self.dataset = ImageDataset(self.records, transform, skip_bad=not strict)
@@ -127,12 +139,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.schedule = EpochSchedule(step_factor=step_factor, max_epochs=max_epochs)
         self.epoch = 0
+        self._train_model = ddp.wrap_ddp(self.model, self.device)
+        # the criterion sees the same gathered batch on every rank, so its memory (v1) stays in sync
+        self._train_criterion = ddp.wrap_ddp(self.criterion, self.device, broadcast_buffers=False)
 
     # -- graph sampler support -------------------------------------------------------------
     def _class_distances(self, rep_indices: np.ndarray) -> np.ndarray:
         """QAConv distances (-logit) between one representative image per class."""
         reps = [self.records[i] for i in rep_indices]
-        feats = extract_features(
+        feats = ddp.extract_features_sharded(
             self.model,
             reps,
             self.height,
@@ -142,7 +157,7 @@ class Trainer:
             device=self.device,
             progress=False,
         )
-        scores = pairwise_scores(self.matcher, feats, feats, self.eval_batch, self.eval_batch, self.device)
+        scores = ddp.pairwise_scores_sharded(self.matcher, feats, feats, self.eval_batch, self.eval_batch, self.device)
         return (-scores).numpy()
 
     # -- state -----------------------------------------------------------------------------
@@ -183,8 +198,8 @@ class Trainer:
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor):
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            feats = self.model(images)
-            loss_vec, acc_vec = self.criterion(feats.float(), targets)
+            feats = ddp.gather_rows_with_grad(self._train_model(images).float())  # the global batch
+            loss_vec, acc_vec = self._train_criterion(feats, ddp.all_gather_rows(targets))
         loss, acc, _ = finite_mean(loss_vec, acc_vec)
         if loss is None:
             return None, None
@@ -200,11 +215,14 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict:
         """One epoch (1-based ``epoch``); returns its summary row."""
-        torch.manual_seed(self.seed * 100003 + epoch)
+        torch.manual_seed(self.seed * 100003 + epoch + 7919 * self.rank)  # augmentation differs per rank
         self.sampler.set_epoch(epoch)
+        batches = self.sampler
+        if self.world > 1:  # the same global batches on every rank, each rank loads its slice
+            batches = ddp.ShardedBatchSampler(self.sampler, self.rank, self.world, self.num_instance)
         loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_sampler=self.sampler,
+            batch_sampler=batches,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             collate_fn=None if self.strict else collate_skip_bad,
@@ -214,7 +232,9 @@ class Trainer:
         bar = tqdm(total=len(self.sampler), desc=f"epoch {epoch}", disable=not self.progress, leave=False)
         for images, targets, *rest in loader:
             bad += int(rest[2]) if len(rest) == 3 else 0  # unreadable images dropped from this batch
-            if len(images) < 2:
+            if images.dim() != 4:  # every image of this slice was unreadable
+                images = torch.empty(0, 3, self.height, self.width)
+            if (ddp.all_reduce_sum([len(images)])[0] if self.world > 1 else len(images)) < 2:
                 skipped += 1
                 bar.update(1)
                 continue
@@ -236,11 +256,14 @@ class Trainer:
                 "try a lower --lr or check the data"
             )
         elapsed = time.perf_counter() - start
+        # identical numbers on every rank, so the adaptive schedule decides the same everywhere
+        loss, acc = ddp.all_reduce_mean([np.mean(losses), np.mean(accs)])
+        seen, bad = (round(v) for v in ddp.all_reduce_sum([seen, bad]))  # images of all ranks
         return {
             "type": "epoch",
             "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "acc": float(np.mean(accs)),
+            "loss": loss,
+            "acc": acc,
             "lr": [g["lr"] for g in self.optimizer.param_groups],
             "batches": len(losses) + skipped,
             "skipped_batches": skipped,
@@ -253,20 +276,22 @@ class Trainer:
         """Train until the schedule stops; with ``resume`` continue from ``out_dir``'s checkpoint."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.out_dir / CHECKPOINT
-        if resume:
+        if resume:  # every rank reads the same checkpoint
             self.load_state_dict(load_checkpoint(ckpt_path, map_location=self.device))
             if self.progress:
                 print(f"resumed from {ckpt_path} after epoch {self.epoch}")
-        append_jsonl(
-            self.out_dir / "metrics.jsonl",
-            {
-                "type": "data",
-                "train_images": len(self.records),
-                "unreadable_images": len(self.unreadable),
-                "unreadable_examples": self.unreadable[:10],
-                "resumed_after_epoch": self.epoch if resume else None,
-            },
-        )
+        if self.rank == 0:
+            append_jsonl(
+                self.out_dir / "metrics.jsonl",
+                {
+                    "type": "data",
+                    "train_images": len(self.records),
+                    "unreadable_images": len(self.unreadable),
+                    "unreadable_examples": self.unreadable[:10],
+                    "resumed_after_epoch": self.epoch if resume else None,
+                    **({"world_size": self.world} if self.world > 1 else {}),
+                },
+            )
         rows = []
         while not self.schedule.done(self.epoch):
             epoch = self.epoch + 1
@@ -279,8 +304,11 @@ class Trainer:
                 row["lr_decayed"] = True
             row["final_epochs"] = self.schedule.final_epochs
             self.epoch = epoch
-            save_checkpoint(self.state_dict(), ckpt_path)
-            append_jsonl(self.out_dir / "metrics.jsonl", row)
+            ddp.broadcast_buffers(self.model, self.matcher)  # BN statistics of rank 0 everywhere
+            if self.rank == 0:
+                save_checkpoint(self.state_dict(), ckpt_path)
+                append_jsonl(self.out_dir / "metrics.jsonl", row)
+            ddp.barrier()  # the checkpoint of this epoch exists before any rank goes on
             rows.append(row)
             if self.progress:
                 print(
