@@ -106,6 +106,17 @@ def main(root: Path, out: Path) -> None:
     results = {k: v.to_dict() for k, v in run["results"].items()}
     (out / f"results_rank{rank}.json").write_text(json.dumps(results))
 
+    # two-stage evaluation: each rank re-scores its share of the queries, the rows are gathered
+    from qaconv.data.registry import load_dataset
+    from qaconv.engine.evaluator import evaluate_dataset
+    from qaconv.engine.runner import load_trained
+
+    model, matcher, ts_cfg = load_trained(out / "run" / "checkpoint.pt", device="cpu")
+    ts_cfg.update(two_stage=3, save_scores=True, rerank=False, tlift=False)
+    data = load_dataset(root.name, root.parent, progress=False)
+    rows, _ = evaluate_dataset(model, matcher, data, ts_cfg, progress=False, out_dir=out / "two_stage")
+    (out / f"two_stage_rank{rank}.json").write_text(json.dumps({k: v.to_dict() for k, v in rows.items()}))
+
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -140,6 +140,20 @@ def test_sharded_evaluation_equals_one_process_exactly(two_ranks, tiny_domain, o
         assert got == {f"{data.name} {k}".strip(): v.to_dict() for k, v in rows.items()}
 
 
+def test_sharded_two_stage_evaluation_equals_one_process(two_ranks, tiny_domain, one_thread):
+    out, _ = two_ranks
+    model, matcher, cfg = load_trained(out / "run" / "checkpoint.pt", device="cpu")
+    cfg.update(two_stage=3, save_scores=True, rerank=False, tlift=False)
+    data = load_dataset(tiny_domain.name, tiny_domain.parent, progress=False)
+    rows, _ = evaluate_dataset(model, matcher, data, cfg, progress=False, out_dir=out / "single_two_stage")
+    sharded = np.load(out / "two_stage" / f"{data.name}_scores.npz")["score"]
+    single = np.load(out / "single_two_stage" / f"{data.name}_scores.npz")["score"]
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5)
+    for rank in (0, 1):
+        got = json.loads((out / f"two_stage_rank{rank}.json").read_text())
+        assert got.keys() == {""} and got[""]["mAP"] == pytest.approx(rows[""].mAP, abs=1e-6)
+
+
 class _Wrapped(torch.nn.Module):
     def __init__(self, head):
         super().__init__()
