@@ -2,7 +2,10 @@
 
 The main pieces, importable from here::
 
-    from qaconv import build_backbone, QAConv, evaluate_rank, load_dataset, load_trained
+    import qaconv
+
+    fx = qaconv.FeatureExtractor("runs/r18")          # images -> unit-norm feature maps
+    scores = qaconv.Matcher(fx.matcher).scores(fx(["a.jpg"]), fx(["b.jpg", "c.jpg"]))   # [1, 2] logits
 """
 
 __version__ = "0.1.0"
@@ -13,15 +16,21 @@ from .engine.features import extract_features
 from .engine.runner import load_trained
 from .errors import QAConvError
 from .export import export_onnx
+from .extractor import FeatureExtractor
 from .gallery import GalleryIndex, build_index, load_index, search_index
 from .loading import TrainedModel, load
-from .matching import pairwise_scores
+from .matching import Matcher, pairwise_scores
 from .metrics import RankResult, evaluate_rank
 from .models import PooledCosine, QAConv, build_backbone, build_matcher
 from .models.official import load_official_checkpoint
 from .rerank import k_reciprocal, k_reciprocal_knn
+from .search import two_stage_scores, two_stage_topk
 
 __all__ = [
+    "FeatureExtractor",
+    "Matcher",
+    "two_stage_scores",
+    "two_stage_topk",
     "GalleryIndex",
     "PooledCosine",
     "QAConv",
