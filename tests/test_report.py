@@ -325,3 +325,30 @@ def test_cli_evaluate_writes_report_and_train_passes_it_on(tiny_domain, tmp_path
         err = capsys.readouterr().err
         assert code == 1 and "is a file" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run2" / "checkpoint.pt").exists()
+
+
+def test_two_stage_report_says_so_and_match_pictures_show_exact_logits(tiny_domain, tmp_path, monkeypatch):
+    """With --two-stage the page explains that tail numbers are not logits; every match picture's title is the
+    matcher's own logit for that pair, also for gallery images outside the shortlist."""
+    import qaconv.viz.match
+
+    drawn = []
+    monkeypatch.setattr(qaconv.viz.match, "draw_match",
+                        lambda q, g, corr, logit, dest, **kw: drawn.append((q, g, logit)))
+    torch.manual_seed(0)
+    cfg = {**DEFAULTS, **TINY, "data_dir": str(tiny_domain.parent), "workers": 0, "device": "cpu", "fea_batch": 16,
+           "two_stage": 2, "report": str(tmp_path / "rep"), "report_queries": 3}
+    model, matcher = build_model(cfg, load_weights=False)
+    model.eval(), matcher.eval()
+    evaluate(model, matcher, cfg, "synth_A", progress=False)
+    assert "s 2 best gallery images by pooled cosine" in (tmp_path / "rep" / "index.html").read_text()
+    data = load_dataset("synth_A", cfg["data_dir"], progress=False)
+    paths = [r.path for r in data.query + data.gallery]
+    from qaconv.engine.features import extract_features
+
+    maps = extract_features(model, data.query + data.gallery, 64, 32, batch_size=16, device="cpu", progress=False)
+    assert drawn
+    for q, g, logit in drawn:
+        with torch.no_grad():
+            exact = float(matcher(maps[paths.index(q)][None], maps[paths.index(g)][None])[0, 0])
+        assert logit == pytest.approx(exact, abs=1e-4)

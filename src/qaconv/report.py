@@ -145,8 +145,9 @@ def _thumb(src: str, dest: Path, height: int = THUMB_HEIGHT) -> None:
     img.resize((width, height), Image.Resampling.BICUBIC).save(dest, quality=90)
 
 
-def _match_png(matcher, q_map, g_map, q_path, g_path, logit, dest: Path, image_size, label: str) -> None:
-    """Draw QAConv's correspondences of one query/gallery pair (see :func:`qaconv.viz.match.draw_match`)."""
+def _match_png(matcher, q_map, g_map, q_path, g_path, dest: Path, image_size, label: str) -> None:
+    """Draw QAConv's correspondences of one query/gallery pair with its exact eval-mode logit in the title
+    (see :func:`qaconv.viz.match.draw_match`)."""
     from .viz.match import draw_match
 
     param = next(matcher.parameters(), None)
@@ -155,7 +156,9 @@ def _match_png(matcher, q_map, g_map, q_path, g_path, logit, dest: Path, image_s
     matcher.eval()
     try:
         with torch.inference_mode():
-            corr = matcher.correspondences(q_map.to(dev).float(), g_map.to(dev).float())
+            q, g = q_map.to(dev).float(), g_map.to(dev).float()
+            corr = matcher.correspondences(q, g)
+            logit = float(matcher(q[None], g[None])[0, 0])
     finally:
         matcher.train(was_training)
     draw_match(q_path, g_path, corr, logit, dest, feature_size=tuple(q_map.shape[-2:]), image_size=image_size,
@@ -205,14 +208,15 @@ def _render_rows(rows: list[QueryRow], data, prefix: str, group: str) -> str:
 
 def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher=None, results: dict | None = None,
                    image_size=None, rank_by: str | None = None, num_worst: int = 10, num_random: int = 10,
-                   top: int = 10, seed: int = 0, match_ranks: int = 1, progress: bool = True) -> Section:
+                   top: int = 10, seed: int = 0, match_ranks: int = 1, progress: bool = True,
+                   note: str = "") -> Section:
     """Write one test set's pictures under ``out_dir/NAME/`` and return its HTML section.
 
     ``dists`` maps post-processing labels ('' = QAConv, '+RR', ...) to [Q, G] distances, as
     :func:`qaconv.engine.evaluator.postprocess` returns them; lists are ranked by ``rank_by`` (default: the
     last, most post-processed one). With QAConv ``matcher`` and feature maps, match pictures are drawn for
     ranks up to ``match_ranks`` and for each list's first true match. ``results`` (label -> RankResult)
-    gives the CMC curves.
+    gives the CMC curves; ``note`` is added to the section's description.
     """
     out_dir = check_report_dir(out_dir)
     if not dists:
@@ -251,11 +255,10 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
                     s.match_png = f"{prefix}/match/q{r.query:05d}_g{s.gallery:05d}.png"
                     todo[s.match_png] = (r.query, s.gallery, s.rank)
     if can_match:
-        logits = -np.asarray(dists[""])
         for rel, (q, g, rank) in tqdm(sorted(todo.items()), desc=f"{data.name} match pictures", disable=not progress,
                                       leave=False):
-            _match_png(matcher, q_maps[q], g_maps[g], data.query[q].path, data.gallery[g].path, float(logits[q, g]),
-                       out_dir / rel, image_size, f"gallery rank {rank}")
+            _match_png(matcher, q_maps[q], g_maps[g], data.query[q].path, data.gallery[g].path, out_dir / rel,
+                       image_size, f"gallery rank {rank}")
             files.append(rel)
 
     cmc_html = ""
@@ -277,7 +280,7 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
     info = (
         f"<p>{len(data.query)} queries ({valid} with a true match from another camera), {len(data.gallery)} "
         f"gallery images. Lists ranked by <b>{html.escape(label)}</b>; the number under each thumbnail is its rank "
-        f"and {html.escape(score_note)}. {html.escape(match_note)}</p>"
+        f"and {html.escape(score_note)}. {html.escape(match_note)} {html.escape(note)}</p>"
     )
     body = (
         f'<section><h2>{html.escape(str(data.name))}</h2><div class="top">{cmc_html}{info}</div>'
@@ -349,6 +352,13 @@ def report_from_evaluation(out_dir, data, kept: dict, matcher, results: dict, cf
     models on one test set show the same queries)."""
     out_dir = check_report_dir(out_dir)
     n = int(cfg.get("report_queries", 10))
+    m = int(cfg.get("two_stage", 0) or 0)
+    note = (
+        f"Two-stage matching: QAConv scored only each query's {m} best gallery images by pooled cosine; the others "
+        "are ranked below them by cosine and their numbers are not QAConv logits (match pictures show exact logits)."
+        if 0 < m < len(data.gallery)
+        else ""
+    )
     return report_testset(out_dir, data, kept["dists"], kept.get("q"), kept.get("g"), matcher, results,
                           image_size=(cfg["height"], cfg["width"]), num_worst=n, num_random=n,
-                          progress=progress)
+                          progress=progress, note=note)
