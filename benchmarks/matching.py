@@ -118,6 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--self-n", type=int, nargs="+", default=[96], help="set sizes for the self-matching ratio")
+    parser.add_argument("--self-only", action="store_true", help="only the self-matching ratio")
     parser.add_argument("--mem-child", nargs=3, metavar=("METHOD", "C", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mem_child:
@@ -125,8 +127,9 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, maps {H}x{W} (HW={HW}), fp32 CPU")
     print(f"best of {args.rounds} interleaved rounds; flops = 2*HW^2*C per pair; engine budget 256 MB\n")
-    print(f"{'C':>5} {'N':>4} {'method':>7} {'pairs/s':>9} {'GFLOP/s':>8} {'vs einsum':>9} {'vs matmul':>9}")
-    for c, n in SIZES.items():
+    if not args.self_only:
+        print(f"{'C':>5} {'N':>4} {'method':>7} {'pairs/s':>9} {'GFLOP/s':>8} {'vs einsum':>9} {'vs matmul':>9}")
+    for c, n in {} if args.self_only else SIZES.items():
         head = _head(c)
         prob, gal = _inputs(c, n)
         torch.testing.assert_close(run_engine(head, prob, gal), run_einsum(head, prob, gal), atol=1e-5, rtol=0)
@@ -140,16 +143,20 @@ def main() -> None:
                 f"{c:>5} {n:>4} {name:>7} {rate:>9.0f} {rate * 2 * HW * HW * c / 1e9:>8.1f} "
                 f"{best['einsum'] / best[name]:>8.2f}x {best['matmul'] / best[name]:>8.2f}x"
             )
-    c, n = 128, 96
+    c = 128
     head = _head(c)
-    x, _ = _inputs(c, n)
     m = Matcher(head, device="cpu")
-    t_full = t_self = float("inf")
-    for _ in range(args.rounds):
-        t_full = min(t_full, _timed(m.scores, x, x.clone()))
-        t_self = min(t_self, _timed(m.self_scores, x))
-    print(f"\nself-matching C={c}, N={n}: full {t_full:.2f} s, self_scores {t_self:.2f} s, ratio {t_self / t_full:.2f}")
-    if args.no_memory:
+    for n in args.self_n:
+        x, _ = _inputs(c, n)
+        t_full = t_self = float("inf")
+        for _ in range(args.rounds):
+            t_full = min(t_full, _timed(m.scores, x, x.clone()))
+            t_self = min(t_self, _timed(m.self_scores, x))
+        print(
+            f"\nself-matching C={c}, N={n}: full {t_full:.2f} s, self_scores {t_self:.2f} s, "
+            f"ratio {t_self / t_full:.2f}"
+        )
+    if args.no_memory or args.self_only:
         return
     print("\npeak extra RSS of one call (MB; fresh subprocess each, VmHWM - VmRSS before the call):")
     print(f"{'C':>5} {'N':>4} " + " ".join(f"{name:>12}" for name in ("engine", "engine64", "einsum", "matmul")))
