@@ -95,6 +95,10 @@ def test_convert_cli_then_evaluate(tmp_path, tiny_domain, capsys):
     assert main(["convert", str(official), "-o", str(tmp_path / "x"), *SMALL, "--ibn", "none"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ibn=b" in err
+    # a converted checkpoint has no training state: --resume says so in one line
+    code = main(["train", "-o", str(out), "--resume", "--dataset", "synth_A", "--testsets", "", *common])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "converted from an official checkpoint" in err
 
 
 @pytest.mark.parametrize("command", ["convert", "export"])

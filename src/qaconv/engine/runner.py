@@ -124,7 +124,13 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
     progress = progress and is_main()
     out = Path(cfg["out_dir"])
     if resume:
-        saved = load_checkpoint(out / CHECKPOINT)["config"]
+        state = load_checkpoint(out / CHECKPOINT)
+        if "optimizer" not in state or "config" not in state:
+            how = "converted from an official checkpoint" if "converted_from" in state else "not written by training"
+            raise QAConvError(
+                f"{out / CHECKPOINT} holds no training state ({how}): --resume continues a 'qaconv train' run"
+            )
+        saved = state["config"]
         changed = {k: v for k, v in cfg.items() if k in saved and saved[k] != v and k in MODEL_KEYS}
         if changed and progress:
             print(f"resuming with the saved configuration; ignoring changed options {sorted(changed)}")
