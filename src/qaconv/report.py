@@ -14,6 +14,7 @@ Typical use, after :func:`qaconv.engine.evaluator.evaluate_dataset` kept its dat
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 import time
@@ -130,7 +131,17 @@ def check_report_dir(out_dir) -> Path:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(name)).name or str(name)).strip("._") or "testset"
+    """A folder name for a test set: its safe base name, plus a short hash of the whole name when that differs
+    (two manifests or folders with one base name get different folders).
+
+    >>> _slug("synth_A"), _slug("a/market") != _slug("b/market")
+    ('synth_A', True)
+    """
+    name = str(name)
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name or name).strip("._") or "testset"
+    if base == name:
+        return base
+    return f"{base}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def _thumb(src: str, dest: Path, height: int = THUMB_HEIGHT) -> None:
