@@ -1,5 +1,7 @@
 """Checkpoints, the epoch schedule, transforms and chunked matching."""
 
+import os
+
 import pytest
 import torch
 
@@ -16,6 +18,13 @@ def test_checkpoint_roundtrip_and_atomic(tmp_path):
     state = load_checkpoint(path)
     assert state["epoch"] == 3 and torch.equal(state["w"], torch.arange(4.0))
     assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+    # the permissions a plain open() would give (umask), not the temporary file's private 0600
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"epoch": 4}, path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_checkpoint_errors(tmp_path):
