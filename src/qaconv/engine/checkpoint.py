@@ -16,6 +16,14 @@ FORMAT = "qaconv-checkpoint-1"
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting it briefly races threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
