@@ -479,3 +479,43 @@ def test_imagenet_weights_never_downloaded(tmp_path, monkeypatch):
     full_sd = full.state_dict()
     for key, value in net.base.state_dict().items():
         torch.testing.assert_close(value, full_sd[key], msg=key)
+
+
+def test_neck_has_pytorch_default_init_like_the_official_code():
+    """kaiming-uniform a=sqrt(5): weight and bias uniform in +-1/sqrt(fan_in) (not kaiming-normal fan_out)."""
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", final_layer="layer3", neck=128)
+    conv = net.neck
+    fan_in = 256 * 3 * 3
+    bound = 1 / math.sqrt(fan_in)
+    w, b = conv.weight.detach(), conv.bias.detach()
+    assert w.abs().max() <= bound and b.abs().max() <= bound
+    assert abs(w.std().item() - bound / math.sqrt(3)) < 0.03 * bound  # uniform(-a, a) has std a / sqrt(3)
+    assert b.abs().mean() > 0.3 * bound  # not zero-initialised
+
+
+def test_v1_neck_is_conv_without_bias_then_bn():
+    net = build_backbone("resnet18", final_layer="layer3", neck=16, neck_bn=True, input_norm="none")
+    conv, bn = net.neck
+    assert conv.bias is None and isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == 16
+    assert build_backbone(**net.config).neck[1].num_features == 16  # config rebuilds it
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        bn.weight.fill_(3.0)
+    net.reset_neck()
+    assert conv.weight.abs().max() <= 1 / math.sqrt(256 * 9) and torch.all(bn.weight == 1)
+
+
+def test_qaconv_head_init_matches_official():
+    from qaconv.models import QAConv
+
+    torch.manual_seed(0)
+    m = QAConv(8, 6, 4, version="2.1")
+    hw = 24
+    assert torch.allclose(m.fc.weight, torch.full((1, hw), 1 / hw))
+    assert abs(m.fc.bias.item()) <= 1 / math.sqrt(hw)
+    for bn in (m.bn, m.logit_bn):
+        assert bn.weight.item() == 1 and bn.bias.item() == 0 and bn.running_var.item() == 1
+    v1 = QAConv(8, 6, 4, version="1")
+    assert v1.fc.weight.shape == (1, 2 * hw) and v1.fc.weight.abs().max() <= 1 / math.sqrt(2 * hw)
+    assert v1.fc.weight.std() > 0.3 / math.sqrt(2 * hw)  # default (uniform) init, not constant

@@ -24,7 +24,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class FeatureMapNet(nn.Module):
     """RGB images in [0, 1] ``[B, 3, H, W]`` -> unit-norm-per-location feature maps ``[B, C, h, w]``.
 
-    ``base`` is the truncated backbone (trained at 0.1x lr), ``neck`` the 3x3 conv (or Identity),
+    ``base`` is the truncated backbone (trained at 0.1x lr), ``neck`` the 3x3 conv (v1: conv + BatchNorm2d; or Identity),
     ``config`` the architecture arguments of :func:`build_backbone` (``build_backbone(**config)``
     rebuilds the same architecture with fresh weights).
     """
@@ -47,6 +47,12 @@ class FeatureMapNet(nn.Module):
         x = self.neck(self.base(x))
         return F.normalize(x, dim=1)
 
+    def reset_neck(self) -> None:
+        """Fresh default initialisation of the neck (conv and BN), as the official v1.x pre-training trials do."""
+        for m in self.neck.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.reset_parameters()
+
     def feature_size(self, height: int, width: int) -> tuple[int, int]:
         """Spatial size of the output map for an input of ``height`` x ``width`` pixels."""
         for _ in range(self.stride.bit_length() - 1):  # every stride-2 stage maps n -> ceil(n / 2)
@@ -67,13 +73,19 @@ def build_backbone(
     pretrained: str | None = None,
     weights_path: str | os.PathLike | None = None,
     input_norm: str = "imagenet",
+    neck_bn: bool = False,
 ) -> FeatureMapNet:
     """Build a :class:`FeatureMapNet`.
 
     ``arch``: resnet18/34/50/101/152; ``final_layer``: layer2/3/4 (stride 8/16/32); ``ibn``: None, "a"
     or "b"; ``neck`` <= 0 disables the 3x3 neck conv; ``pretrained="imagenet"`` loads torchvision's cached
     IMAGENET1K_V1 weights (never downloads; plain ResNet only); ``weights_path`` loads a local state dict
-    in torchvision or IBN-Net layout; ``input_norm``: "imagenet" (mean/std inside the model) or "none".
+    in torchvision or IBN-Net layout; ``input_norm``: "imagenet" (mean/std inside the model) or "none";
+    ``neck_bn``: the v1.0-v2.0 neck (conv without bias, then BatchNorm2d) instead of v2.1's conv with bias.
+
+    The neck keeps PyTorch's default initialisation (kaiming-uniform with a = sqrt(5), bias uniform in
+    +-1/sqrt(fan_in)), as in every official version: every location is L2-normalised right after it, so
+    the weight scale sets the neck's effective learning rate.
     """
     _check_choice("arch", arch, ARCHS)
     _check_choice("final_layer", final_layer, tuple(FINAL_LAYERS))
@@ -108,12 +120,14 @@ def build_backbone(
     elif weights_path is not None:
         load_into_base(base, read_state_dict(weights_path), os.fspath(weights_path))
 
+    neck_bn = bool(neck_bn) and neck > 0
     if neck > 0:
-        neck_module = nn.Conv2d(channels, neck, kernel_size=3, padding=1, bias=True)
-        nn.init.kaiming_normal_(neck_module.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(neck_module.bias)
+        conv = nn.Conv2d(channels, neck, kernel_size=3, padding=1, bias=not neck_bn)  # default init, as official
+        neck_module = nn.Sequential(conv, nn.BatchNorm2d(neck)) if neck_bn else conv
         channels = neck
     else:
         neck_module = nn.Identity()
     config = dict(arch=arch, final_layer=final_layer, ibn=ibn, neck=max(neck, 0), input_norm=input_norm)
+    if neck_bn:  # only recorded when set, so configs of older checkpoints rebuild unchanged
+        config["neck_bn"] = True
     return FeatureMapNet(base, neck_module, channels, FINAL_LAYERS[final_layer], config)
