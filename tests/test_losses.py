@@ -7,35 +7,37 @@ from torch import nn
 from qaconv.losses import ClassMemoryLoss, PairwiseMatchingLoss, TripletLoss, finite_mean
 
 
+def official_hardest(row, targets, i):
+    """The official masking, one anchor at a time: +1e15 on non-positives and on self before the min,
+    -1e15 on positives (self included) before the max, every score first multiplied by its 0/1 label."""
+    lab = [float(t == targets[i]) for t in targets]
+    to_min = [s * y + (1 - y + (j == i)) * 1e15 for j, (s, y) in enumerate(zip(row, lab, strict=True))]
+    to_max = [s * (1 - y) - y * 1e15 for s, y in zip(row, lab, strict=True)]
+    nan_in = any(math.isnan(v) for v in to_min + to_max)  # torch.min / max propagate NaN
+    return (math.nan, math.nan) if nan_in else (min(to_min), max(to_max))
+
+
 def triplet_reference(scores, targets, margin):
+    """Per anchor: MarginRankingLoss(min_pos, max_neg, y=1) and acc = min_pos >= max_neg (official)."""
     losses, accs = [], []
-    B = len(targets)
-    for i in range(B):
-        pos = [scores[i, j].item() for j in range(B) if j != i and targets[j] == targets[i]]
-        neg = [scores[i, j].item() for j in range(B) if targets[j] != targets[i]]
-        if not pos or not neg:
-            losses.append(math.nan)
-            accs.append(None)
-            continue
-        losses.append(max(0.0, margin - (min(pos) - max(neg))))
-        accs.append(float(min(pos) >= max(neg)))
+    targets = targets.tolist()
+    for i, row in enumerate(scores.tolist()):
+        min_pos, max_neg = official_hardest(row, targets, i)
+        losses.append(math.nan if math.isnan(min_pos) else max(0.0, -(min_pos - max_neg) + margin))
+        accs.append(float(min_pos >= max_neg))
     return losses, accs
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(6))
 def test_triplet_matches_loop_reference(seed):
     g = torch.Generator().manual_seed(seed)
     B = 12
     scores = torch.randn(B, B, generator=g, dtype=torch.float64) * 10
-    targets = torch.randint(0, 4, (B,), generator=g)
+    targets = torch.randint(0, 6, (B,), generator=g)  # some identities appear once
     loss, acc = TripletLoss(margin=16.0)(scores, targets)
     ref_loss, ref_acc = triplet_reference(scores, targets, 16.0)
-    for i in range(B):
-        if math.isnan(ref_loss[i]):
-            assert not torch.isfinite(loss[i])
-        else:
-            assert loss[i].item() == pytest.approx(ref_loss[i])
-            assert acc[i].item() == ref_acc[i]
+    assert loss.tolist() == pytest.approx(ref_loss)
+    assert acc.tolist() == ref_acc
 
 
 def test_triplet_hand_computed():
@@ -60,21 +62,48 @@ def test_triplet_hand_computed():
     assert torch.equal(scores.grad, expected)
 
 
-def test_triplet_undefined_anchors_are_non_finite_and_dropped():
-    scores = torch.randn(5, 5, requires_grad=True)
-    targets = torch.tensor([0, 0, 1, 2, 2])  # anchor 2 has no positive
+@pytest.mark.parametrize(
+    "targets",
+    [
+        [0, 0, 1, 2, 2],  # anchor 2 has no positive
+        [3, 3, 3, 3],  # one identity: no anchor has a negative
+        [0, 1, 2],  # all distinct: no anchor has a positive
+        [7],  # a single image: neither
+    ],
+)
+def test_triplet_anchors_without_positive_or_negative_count_as_zero_loss(targets):
+    B = len(targets)
+    scores = (torch.randn(B, B, generator=torch.Generator().manual_seed(B)) * 20).requires_grad_()
+    targets = torch.tensor(targets)
     loss, acc = TripletLoss()(scores, targets)
-    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4]]).all()
+    ref_loss, ref_acc = triplet_reference(scores.detach(), targets, 16.0)
+    assert loss.tolist() == pytest.approx(ref_loss) and acc.tolist() == ref_acc
+    same = targets[:, None] == targets[None, :]
+    undefined = ~((same.sum(1) > 1) & (~same).any(1))
+    assert undefined.any()
+    assert loss[undefined].tolist() == [0.0] * int(undefined.sum()) and acc[undefined].min() == 1.0
     mean, mean_acc, n = finite_mean(loss, acc)
-    assert n == 4
-    assert mean.item() == pytest.approx(loss[[0, 1, 3, 4]].mean().item())
-    assert mean_acc.item() == pytest.approx(acc[[0, 1, 3, 4]].mean().item())
+    assert n == B  # counted in the mean, as the official trainer does
+    assert mean.item() == pytest.approx(loss.mean().item())
+    assert mean_acc.item() == pytest.approx(acc.mean().item())
     mean.backward()
     assert torch.isfinite(scores.grad).all()
-    assert torch.all(scores.grad[2] == 0)
+    assert torch.all(scores.grad[undefined] == 0)
 
-    single_id = TripletLoss()(torch.randn(3, 3), torch.tensor([4, 4, 4]))[0]  # no negatives at all
-    assert not torch.isfinite(single_id).any()
+
+def test_triplet_non_finite_scores_give_nan_rows():
+    scores = torch.arange(16, dtype=torch.float64).view(4, 4) % 5  # rows 1, 2 would have acc 1 if finite
+    scores[1, 1] = math.nan  # even on the diagonal, the official masking spreads it to the row
+    scores[2, 3] = math.inf  # a positive: min_pos would be inf and the hinge 0
+    targets = torch.tensor([0, 0, 1, 1])
+    loss, acc = TripletLoss()(scores, targets)
+    assert torch.isnan(loss[[1, 2]]).all() and torch.isfinite(loss[[0, 3]]).all()
+    assert acc[[1, 2]].tolist() == [0.0, 0.0]
+    ref_loss, ref_acc = triplet_reference(scores, targets, 16.0)
+    assert all(math.isnan(v) for v in ref_loss[1:3]) and ref_acc[1:3] == [0.0, 0.0]
+    assert loss[[0, 3]].tolist() == pytest.approx([ref_loss[0], ref_loss[3]])
+    mean, _, n = finite_mean(loss, acc)
+    assert n == 2 and mean.item() == pytest.approx(loss[[0, 3]].mean().item())
 
 
 def test_finite_mean_none_when_nothing_finite():
@@ -91,27 +120,35 @@ def test_triplet_shape_errors():
         TripletLoss()(torch.zeros(3, 3), torch.zeros(4))
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(4))
 def test_pairwise_matches_loop_reference(seed):
     g = torch.Generator().manual_seed(seed)
     B = 8
     scores = torch.randn(B, B, generator=g, dtype=torch.float64) * 3
-    targets = torch.randint(0, 3, (B,), generator=g)
+    targets = torch.randint(0, 5, (B,), generator=g)
+    if seed == 3:
+        targets = torch.zeros(B, dtype=torch.long)  # no negatives anywhere
     loss, acc = PairwiseMatchingLoss()(scores, targets)
     for i in range(B):
         total = 0.0
-        pos, neg = [], []
         for j in range(B):
             s, y = scores[i, j].item(), float(targets[i] == targets[j])
             p = 1 / (1 + math.exp(-s))
             total += -(y * math.log(p) + (1 - y) * math.log(1 - p))
-            if y and j != i:
-                pos.append(s)
-            elif not y:
-                neg.append(s)
         assert loss[i].item() == pytest.approx(total)
-        expected_acc = (min(pos) if pos else math.inf) > (max(neg) if neg else -math.inf)
-        assert acc[i].item() == float(expected_acc)
+        min_pos, max_neg = official_hardest(scores[i].tolist(), targets.tolist(), i)
+        assert acc[i].item() == float(min_pos > max_neg)
+
+
+def test_pairwise_acc_without_positive_or_negative_and_non_finite():
+    scores = torch.randn(4, 4)
+    loss, acc = PairwiseMatchingLoss()(scores, torch.tensor([0, 1, 1, 2]))  # anchors 0 and 3: no positive
+    assert acc[[0, 3]].tolist() == [1.0, 1.0]
+    assert PairwiseMatchingLoss()(torch.randn(3, 3), torch.tensor([5, 5, 5]))[1].tolist() == [1.0] * 3
+    assert PairwiseMatchingLoss()(torch.randn(1, 1), torch.tensor([5]))[1].tolist() == [1.0]
+    scores[0, 0] = math.nan
+    loss, acc = PairwiseMatchingLoss()(scores, torch.tensor([0, 1, 1, 2]))
+    assert acc[0].item() == 0.0 and torch.isnan(loss[0])
 
 
 class DotMatcher(nn.Module):

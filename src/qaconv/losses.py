@@ -37,9 +37,12 @@ class TripletLoss(nn.Module):
     """Batch-hard triplet loss on similarity logits: ``relu(margin - (min_pos - max_neg))``.
 
     ``forward(scores [B, B], targets [B]) -> (loss [B], acc [B])``. Higher scores mean more similar.
-    Anchors without another image of their identity, or without any other identity in the batch,
-    get a NaN loss so that ``finite_mean`` drops them. ``acc`` is 1.0 where the hardest positive
-    scores at least as high as the hardest negative (meaningless where the loss is NaN).
+    ``acc`` is 1.0 where the hardest positive scores at least as high as the hardest negative.
+    As in the official loss (whose ±1e15 masking makes the missing side ~±1e15), an anchor without
+    another image of its identity, or without any other identity in the batch, gets loss 0 and acc 1
+    and so counts in the mean. A row holding any non-finite score gets a NaN loss and acc 0 (the
+    official masking multiplies every score by 0 or 1, so NaN or inf anywhere spreads to the row);
+    ``finite_mean`` drops those.
     """
 
     def __init__(self, margin: float = 16.0):
@@ -51,11 +54,12 @@ class TripletLoss(nn.Module):
         min_pos, max_neg, has_pos, has_neg = _hardest(scores, targets)
         defined = has_pos & has_neg
         gap = torch.where(defined, min_pos - max_neg, torch.zeros_like(min_pos))
-        loss = F.relu(self.margin - gap)
-        loss = torch.where(defined, loss, torch.full_like(loss, float("nan")))
+        loss = torch.where(defined, F.relu(self.margin - gap), torch.zeros_like(gap))
+        finite = torch.isfinite(scores).all(dim=1)
+        loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
         with torch.no_grad():
-            acc = (min_pos >= max_neg).to(scores.dtype)
-        return loss, acc
+            acc = ((min_pos >= max_neg) | ~defined) & finite
+        return loss, acc.to(scores.dtype)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}"
@@ -65,7 +69,9 @@ class PairwiseMatchingLoss(nn.Module):
     """Binary cross-entropy with logits over all [B, B] pairs (label = same identity, diagonal included).
 
     ``forward(scores [B, B], targets [B]) -> (loss [B], acc [B])``: the loss is summed over each row;
-    ``acc`` is 1.0 where the lowest positive score (self excluded) exceeds the highest negative one.
+    ``acc`` is 1.0 where the lowest positive score (self excluded) exceeds the highest negative one. As in
+    the official v2.0 loss, an anchor without a positive or without a negative has acc 1.0, and one
+    whose row holds a non-finite score has acc 0.0 (its loss is not finite either).
     """
 
     def forward(self, scores: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -73,9 +79,9 @@ class PairwiseMatchingLoss(nn.Module):
         labels = (targets[:, None] == targets[None, :]).to(scores.dtype)
         loss = F.binary_cross_entropy_with_logits(scores, labels, reduction="none").sum(dim=1)
         with torch.no_grad():
-            min_pos, max_neg, _, _ = _hardest(scores, targets)
-            acc = (min_pos > max_neg).to(scores.dtype)
-        return loss, acc
+            min_pos, max_neg, _, _ = _hardest(scores, targets)  # ±inf where missing: acc 1
+            acc = (min_pos > max_neg) & torch.isfinite(scores).all(dim=1)
+        return loss, acc.to(scores.dtype)
 
 
 class ClassMemoryLoss(nn.Module):
