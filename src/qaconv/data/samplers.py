@@ -1,6 +1,6 @@
-"""Identity-aware batch samplers: the QAConv-GS graph sampler and a plain P×K sampler.
+"""Batch samplers: the QAConv-GS graph sampler (HEAD/v2.1 and v2.0), a plain P×K sampler and the v1.x shuffle.
 
-Both are ``torch.utils.data`` batch samplers (pass them as ``batch_sampler=``) that yield lists of
+All are ``torch.utils.data`` batch samplers (pass them as ``batch_sampler=``) that yield lists of
 dataset indices. Randomness comes only from ``numpy`` generators derived from ``(seed, epoch)``:
 
 * ``set_epoch(epoch)`` selects the epoch whose batches the next ``iter()`` builds; each ``iter()``
@@ -15,14 +15,22 @@ the sampler in the state of a completed epoch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Sampler
 
+from ..engine.checkpoint import atomic_write
+from ..rerank import k_reciprocal_knn, knn_lists
+
 DistanceFn = Callable[[np.ndarray], np.ndarray]
 
 _INIT_STREAM, _EPOCH_STREAM = 0, 1
+
+# k-reciprocal parameters of the v2.0 graph sampler (the defaults of the official ``reranking()``)
+GS_RERANK_K1, GS_RERANK_K2, GS_RERANK_LAMBDA = 20, 6, 0.3
 
 
 def _check_batch(batch_size: int, num_instance: int) -> None:
@@ -61,8 +69,52 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
+def _check_epoch(epoch: int) -> int:
+    if int(epoch) < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    return int(epoch)
+
+
+def sigmoid_distance(logits) -> np.ndarray:
+    """The v2.0 graph-sampler distance ``1 - sigmoid(logit / 10)`` (float64), from QAConv logits."""
+    logits = np.asarray(logits.detach().cpu().numpy() if hasattr(logits, "detach") else logits, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(logits / 10.0))  # == 1 - sigmoid(logits / 10)
+
+
+def rerank_class_distances(
+    dist: np.ndarray, k1: int = GS_RERANK_K1, k2: int = GS_RERANK_K2, lambda_value: float = GS_RERANK_LAMBDA
+) -> np.ndarray:
+    """v2.0 GS re-ranking: k-reciprocal re-ranking of the 2P×2P tiling ``[[D, D], [D, D]]`` with the first P
+    rows as queries; returns the [P, P] query-gallery block (float32).
+
+    ``k_reciprocal(D, D, D)`` assembles ``[[D, D], [D.T, D]]`` instead, so it gives the same result only for
+    a symmetric D (the v2.1 head); the v2.0 head is not symmetric. This works from the tiling's columns
+    (``knn_lists`` / ``k_reciprocal_knn``), exact for any D, without building the 2P×2P matrix.
+    The column maxima of D must be positive, e.g. ``sigmoid_distance(logits)``.
+    """
+    dist = np.asarray(dist, dtype=np.float32)
+    P = len(dist)
+    if dist.ndim != 2 or dist.shape != (P, P):
+        raise ValueError(f"rerank_class_distances: expected a square [P, P] matrix, got {dist.shape}")
+    if not (dist.max(axis=0) > 0).all():
+        raise ValueError(
+            "GS re-ranking needs distances whose column maxima are positive, e.g. 1 - sigmoid(logit / 10) "
+            "(sigmoid_distance); -logit does not qualify"
+        )
+
+    def columns(a: int, b: int) -> np.ndarray:  # columns a..b of the tiling
+        return np.tile(dist[:, np.arange(a, b) % P], (2, 1))
+
+    def pair(r: np.ndarray, c: np.ndarray) -> np.ndarray:  # tiling[r, c]
+        return dist[r % P, c % P]
+
+    nn_index, nn_dist, col_max = knn_lists(columns, 2 * P, max(k1 + 1, k2))
+    # the final λ term reads the tiling's lower-left block transposed, i.e. D.T
+    return k_reciprocal_knn(nn_index, nn_dist, dist.T, col_max, k1, k2, lambda_value, pair_dist=pair)
+
+
 class GraphSampler(Sampler[list[int]]):
-    """QAConv-GS graph sampler (spec §5.2): one batch per class, made of the class and its nearest classes.
+    """QAConv-GS graph sampler (spec §5.2, §5.3): one batch per class, made of the class and its nearest classes.
 
     Each epoch: pick one random image per class (classes = sorted unique labels), ask
     ``distance_fn(rep_indices [P]) -> [P, P]`` for the class distances (smaller = closer, rows and
@@ -76,6 +128,21 @@ class GraphSampler(Sampler[list[int]]):
     When ``k >= P - 1`` every batch holds all P classes, i.e. ``P * num_instance`` images, fewer than
     ``batch_size``. Ties in the distances go to the class with the lower index. After each epoch
     ``last_neighbours`` holds the [P, k] neighbour class indices (positions in ``classes``).
+
+    v2.0 options (official defaults: ``batch_size=64, num_instance=4`` -> 15 neighbours, ``pre_epochs=1``,
+    ``rerank=True``; ``--gs_rerank_off`` is ``rerank=False``, ``--gs_save`` is ``save_dir``):
+
+    * ``pre_epochs``: epochs ``< pre_epochs`` use the official ``random_index()`` order instead (see
+      ``_pre_epoch_batches``); they leave the image lists and pointers untouched and set
+      ``last_neighbours`` to None.
+    * ``rerank``: the class distances are re-ranked by ``rerank_class_distances`` (k1=20, k2=6, λ=0.3)
+      before taking neighbours. The values then matter, not only their order: ``distance_fn`` must
+      return the official ``1 - sigmoid(logit / 10)`` (``sigmoid_distance``); -logit is rejected.
+      Without ``rerank`` any increasing transform of the distance gives the same neighbours.
+    * ``save_dir``: each graph epoch ``e`` (0-based) writes ``gs{e}.npz`` there (atomic, no pickles):
+      ``classes`` [P], ``rep_indices`` [P] (dataset indices of the representatives), ``raw_dist`` [P, P]
+      (from ``distance_fn``), ``dist`` [P, P] (what neighbours came from: re-ranked or ``raw_dist``;
+      diagonal not masked), ``neighbours`` [P, k] and ``epoch``.
     """
 
     def __init__(
@@ -85,16 +152,24 @@ class GraphSampler(Sampler[list[int]]):
         num_instance: int = 2,
         distance_fn: DistanceFn | None = None,
         seed: int = 0,
+        pre_epochs: int = 0,
+        rerank: bool = False,
+        save_dir: str | Path | None = None,
     ):
         super().__init__()
         _check_batch(batch_size, num_instance)
         self.classes, self._members = _group_by_class(labels)
         if len(self.classes) < 2:
             raise ValueError(f"the graph sampler needs at least 2 identities, got {len(self.classes)}")
+        if int(pre_epochs) < 0:
+            raise ValueError(f"pre_epochs must be >= 0, got {pre_epochs}")
         self.batch_size = int(batch_size)
         self.num_instance = int(num_instance)
         self.distance_fn = distance_fn
         self.seed = _check_seed(seed)
+        self.pre_epochs = int(pre_epochs)
+        self.rerank = bool(rerank)
+        self.save_dir = None if save_dir is None else Path(save_dir)
         self.epoch = 0
         self.num_neighbours = min(self.batch_size // self.num_instance - 1, len(self.classes) - 1)
         self.last_neighbours: np.ndarray | None = None
@@ -103,20 +178,44 @@ class GraphSampler(Sampler[list[int]]):
         self._pointers = [0] * len(self._lists)
 
     def __len__(self) -> int:
+        """Batches of the epoch the next ``iter()`` builds (a pre-epoch has its own count)."""
+        if self.epoch < self.pre_epochs:
+            chunks = sum(min(max(len(m) // self.num_instance, 1), self.batch_size) for m in self._members)
+            return math.ceil(chunks * self.num_instance / self.batch_size)
         return len(self.classes)
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``(seed, epoch)`` for the next ``iter()``; ``epoch`` must be >= 0."""
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
+        self.epoch = _check_epoch(epoch)
 
-    def _distances(self, rng: np.random.Generator) -> np.ndarray:
+    def _pre_epoch_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        """Official v2.0 ``random_index()`` order, cut into batches as its DataLoader did.
+
+        Per class (in class order): its images (sorted), padded when fewer than K = ``num_instance`` by
+        ``rng.choice(images, K - n, replace=True)``; ``rng.permutation`` of them; keep the first
+        ``min(max(n // K, 1), batch_size) * K`` (the official cap is ``batch_size`` chunks, not images).
+        All K-chunks of all classes are put in ``rng.permutation`` order and flattened; consecutive
+        ``batch_size`` images form a batch and the last, shorter batch is kept (``drop_last=False``).
+        """
+        K = self.num_instance
+        chunks = []
+        for members in self._members:
+            index = members
+            if len(members) < K:
+                index = np.concatenate([members, rng.choice(members, K - len(members), replace=True)])
+            keep = min(max(len(members) // K, 1), self.batch_size) * K
+            chunks.append(rng.permutation(index)[:keep].reshape(-1, K))
+        chunks = np.concatenate(chunks)
+        flat = chunks[rng.permutation(len(chunks))].ravel().tolist()
+        return [flat[i : i + self.batch_size] for i in range(0, len(flat), self.batch_size)]
+
+    def _distances(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Representative image per class and the raw [P, P] class distances."""
         P = len(self.classes)
         counts = np.array([len(m) for m in self._members])
         reps = np.array([m[i] for m, i in zip(self._members, rng.integers(0, counts), strict=True)])
         if self.distance_fn is None:
-            return rng.random((P, P))
+            return reps, rng.random((P, P))
         dist = self.distance_fn(reps)
         if hasattr(dist, "detach"):
             dist = dist.detach().cpu().numpy()
@@ -127,7 +226,7 @@ class GraphSampler(Sampler[list[int]]):
             )
         if np.isnan(dist).any():
             raise ValueError("distance_fn returned NaN distances")
-        return dist
+        return reps, dist
 
     def _neighbours(self, dist: np.ndarray) -> np.ndarray:
         P = len(dist)
@@ -149,9 +248,28 @@ class GraphSampler(Sampler[list[int]]):
         self._pointers[c] = ptr
         return out
 
+    def _save(self, reps: np.ndarray, raw: np.ndarray, dist: np.ndarray, neighbours: np.ndarray) -> None:
+        arrays = {
+            "classes": self.classes,
+            "rep_indices": reps.astype(np.int64),
+            "raw_dist": raw,
+            "dist": dist,
+            "neighbours": neighbours.astype(np.int64),
+            "epoch": np.int64(self.epoch),
+        }
+        atomic_write(self.save_dir / f"gs{self.epoch}.npz", lambda f: np.savez_compressed(f, **arrays))
+
     def __iter__(self) -> Iterator[list[int]]:
         rng = _rng(self.seed, _EPOCH_STREAM, self.epoch)
-        neighbours = self._neighbours(self._distances(rng))
+        if self.epoch < self.pre_epochs:
+            self.last_neighbours = None
+            self.epoch += 1
+            return iter(self._pre_epoch_batches(rng))
+        reps, raw = self._distances(rng)
+        dist = rerank_class_distances(raw) if self.rerank else raw
+        neighbours = self._neighbours(np.array(dist, dtype=np.float64))
+        if self.save_dir is not None:
+            self._save(reps, raw, dist, neighbours)
         self.last_neighbours = neighbours
         batches = []
         for anchor in range(len(self.classes)):
@@ -216,9 +334,7 @@ class RandomIdentitySampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``(seed, epoch)`` for the next ``iter()``; ``epoch`` must be >= 0."""
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
+        self.epoch = _check_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = _rng(self.seed, _EPOCH_STREAM, self.epoch)
@@ -238,5 +354,49 @@ class RandomIdentitySampler(Sampler[list[int]]):
         return {"epoch": self.epoch, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.seed = int(state.get("seed", self.seed))
+
+
+class ShuffledBatchSampler(Sampler[list[int]]):
+    """v1.x training order: ``DataLoader(shuffle=True, drop_last=True)`` as a batch sampler.
+
+    Each epoch a random permutation of ``range(num_samples)`` is cut into ``num_samples // batch_size``
+    full batches; the remainder is dropped. Official batch sizes: 32 (v1.0), 8 (v1.1, v1.2).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0):
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(num_samples) < int(batch_size):
+            raise ValueError(f"num_samples ({num_samples}) must be at least batch_size ({batch_size}): drop_last "
+                             "would leave no batch")
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = _check_seed(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``(seed, epoch)`` for the next ``iter()``; ``epoch`` must be >= 0."""
+        self.epoch = _check_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = _rng(self.seed, _EPOCH_STREAM, self.epoch)
+        order = rng.permutation(self.num_samples)[: len(self) * self.batch_size]
+        self.epoch += 1
+        return iter(order.reshape(-1, self.batch_size).tolist())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("num_samples", self.num_samples)) != self.num_samples:
+            raise ValueError(
+                f"sampler state is for {state['num_samples']} samples, this sampler has {self.num_samples}"
+            )
         self.epoch = int(state["epoch"])
         self.seed = int(state.get("seed", self.seed))
