@@ -132,7 +132,7 @@ def test_sharded_evaluation_equals_one_process_exactly(two_ranks, tiny_domain, o
     rows, _ = evaluate_dataset(model, matcher, data, cfg, progress=False, out_dir=out / "single_eval")
     sharded = np.load(out / "run" / f"{data.name}_scores.npz")
     single = np.load(out / "single_eval" / f"{data.name}_scores.npz")
-    assert set(sharded.files) == set(single.files) and "score_rr" in single.files
+    assert set(sharded.files) == set(single.files) and "score_rerank" in single.files
     for key in single.files:
         np.testing.assert_array_equal(sharded[key], single[key], err_msg=key)
     for rank in (0, 1):

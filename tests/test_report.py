@@ -175,7 +175,7 @@ def test_report_dir_must_be_a_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def report(tiny_domain, tmp_path_factory):
-    """A report of a random-init ResNet-18 QAConv with TLift (lists ranked by +TLift) and the saved scores."""
+    """A report of a random-init ResNet-18 QAConv with TLift (lists ranked by +RR+TLift) and the saved scores."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("report")
     cfg = {**DEFAULTS, **TINY, "data_dir": str(tiny_domain.parent), "workers": 0, "device": "cpu", "fea_batch": 16,
@@ -186,7 +186,7 @@ def report(tiny_domain, tmp_path_factory):
     data = load_dataset("synth_A", cfg["data_dir"], progress=False)
     index = out / "rep" / "index.html"
     return SimpleNamespace(dir=out / "rep", index=index, page=Page(index.read_text()), data=data,
-                           dist=1.0 - saved["score_tlift"], logits=saved["score"])
+                           dist=1.0 - saved["score_tlift"], logits=saved["logit"])
 
 
 def _ids(data):
@@ -249,7 +249,7 @@ def test_files_are_self_contained(report):
     for row in page.rows:
         q = int(row["imgs"][0]["data-q"])
         assert any(f"q{q:05d}_" in h for h in page.hrefs)
-    assert "QAConv+TLift" in report.index.read_text()  # lists ranked by the last post-processing row
+    assert "<b>QAConv+RR+TLift</b>" in report.index.read_text()  # lists ranked by the last post-processing row
 
 
 def _chromium_dom(url: str, profile: Path) -> str:

@@ -65,7 +65,7 @@ def run_demo(out_dir="qaconv_demo", data_dir=None, max_epochs=3, device=None, se
         }
         run = train(cfg, progress=progress)
         model, head = run["model"], run["matcher"]
-        # QAConv on the target domain also gets the ECCV post-processing rows (re-ranking, TLift from
+        # QAConv on the target domain also gets the ECCV post-processing rows +RR and +RR+TLift (TLift from
         # the simulated camera network's time stamps)
         post = {**cfg, "rerank": matcher == "qaconv", "tlift": matcher == "qaconv"}
         results = evaluate(model, head, post, ["synth_B"], out_dir=cfg["out_dir"], progress=False)
@@ -90,7 +90,8 @@ def run_demo(out_dir="qaconv_demo", data_dir=None, max_epochs=3, device=None, se
     )
     if progress:
         print("\nTrained on synth_A; synth_B is the unseen target domain, synth_A's test split the same domain.")
-        print("+RR: k-reciprocal re-ranking, +TLift: temporal lifting (time stamps of the synthetic camera network)")
+        print("+RR: k-reciprocal re-ranking; +RR+TLift: temporal lifting of the re-ranked score (time stamps of the "
+              "synthetic camera network), the official protocol")
         print(format_table(table, title="method -> test set"))
         print(f"\nwrote {out / 'demo_results.json'} and {out / 'cmc.png'} ({summary['total_time_s'] / 60:.1f} min)")
     return summary

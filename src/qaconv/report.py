@@ -223,16 +223,20 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
                    note: str = "") -> Section:
     """Write one test set's pictures under ``out_dir/NAME/`` and return its HTML section.
 
-    ``dists`` maps post-processing labels ('' = QAConv, '+RR', ...) to [Q, G] distances, as
-    :func:`qaconv.engine.evaluator.postprocess` returns them; lists are ranked by ``rank_by`` (default: the
-    last, most post-processed one). With QAConv ``matcher`` and feature maps, match pictures are drawn for
+    ``dists`` maps post-processing labels ('' = QAConv, '+RR', '+RR+TLift', '+TLift(unofficial)') to [Q, G]
+    distances, as :func:`qaconv.engine.evaluator.postprocess` returns them; lists are ranked by ``rank_by``
+    (default: the last, most post-processed row of the official protocol, i.e. not '+TLift(unofficial)').
+    With QAConv ``matcher`` and feature maps, match pictures are drawn for
     ranks up to ``match_ranks`` and for each list's first true match. ``results`` (label -> RankResult)
     gives the CMC curves; ``note`` is added to the section's description.
     """
     out_dir = check_report_dir(out_dir)
     if not dists:
         raise QAConvError("report: no distance matrices to rank by")
-    rank_by = list(dists)[-1] if rank_by is None else rank_by
+    if rank_by is None:
+        from .engine.evaluator import TLIFT_DIRECT
+
+        rank_by = ([label for label in dists if label != TLIFT_DIRECT] or list(dists))[-1]
     if rank_by not in dists:
         raise QAConvError(f"report: cannot rank by '{rank_by}'; available: {', '.join(map(repr, dists))}")
     prefix = _slug(data.name)
@@ -330,10 +334,23 @@ def _metrics_table(results: dict) -> str:
     return f'<table class="metrics">{head}{"".join(rows)}</table>'
 
 
+def _row_notes(results: dict) -> str:
+    """One line explaining the post-processing rows present in ``results`` (keys 'NAME LABEL')."""
+    from .engine.evaluator import RR, RR_TLIFT, TLIFT_DIRECT
+
+    notes = {
+        RR: "k-reciprocal re-ranking",
+        RR_TLIFT: "TLift of the re-ranked score (the official protocol)",
+        TLIFT_DIRECT: "TLift directly on sigmoid(logit), without re-ranking; not part of the official protocol",
+    }
+    present = [f"QAConv{lab}: {text}" for lab, text in notes.items() if any(k.endswith(" " + lab) for k in results)]
+    return f"<p>{html.escape('; '.join(present))}.</p>" if present else ""
+
+
 def render_html(sections: list[Section], results: dict, title: str = "QAConv evaluation report") -> str:
     """The whole page: metrics table (rank-k, mAP, mINP in %), legend, then each test set's section."""
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    legend = (
+    legend = _row_notes(results) + (
         '<p class="legend">Border:<span style="border-color:#2b6cb0"></span>query'
         '<span style="border-color:#1a9641"></span>same identity<span style="border-color:#d7191c"></span>'
         "other identity. Gallery images of the query's identity from the query's own camera (junk) are left out, "

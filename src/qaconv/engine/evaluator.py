@@ -3,11 +3,13 @@ and saved score files."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
@@ -30,8 +32,10 @@ from .trainer import append_jsonl
 # Post-processing defaults: the official ECCV protocol (k-reciprocal 20/6/0.3, TLift tau 100 s,
 # sigma 200 s, K 10, alpha 0.2).
 POST_DEFAULTS: dict = {
-    "rerank": False,
-    "tlift": False,
+    "rerank": False,  # +RR row
+    "tlift": False,  # +RR and +RR+TLift rows (the official --do_tlift: TLift only ever lifts the re-ranked score)
+    "tlift_direct": False,  # extra row TLIFT_DIRECT: TLift on sigma(logit) without re-ranking (not official)
+    "rerank_input": "sigmoid",  # distances re-ranked: "sigmoid" 1 - sigma(logit/10) (tags v1.0-v2.1), "logit" -logit
     "save_scores": False,
     "k1": 20,
     "k2": 6,
@@ -46,31 +50,60 @@ POST_DEFAULTS: dict = {
     "report_queries": 10,  # worst and random queries shown per test set
 }
 
+# Post-processing row labels ('' = plain QAConv). TLIFT_DIRECT is not part of the official protocol.
+RR, RR_TLIFT, TLIFT_DIRECT = "+RR", "+RR+TLift", "+TLift(unofficial)"
+RERANK_INPUTS = ("sigmoid", "logit")
 
-def logit_to_similarity(logits: np.ndarray) -> np.ndarray:
-    """QAConv logits to [0, 1] similarities by sigma(logit / 10), the paper version's convention; used
-    before re-ranking (distance = 1 - similarity) and TLift."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / 10.0))
+
+def logit_to_similarity(logits: np.ndarray, scale: float = 10.0) -> np.ndarray:
+    """QAConv logits to [0, 1] similarities sigma(logit / scale): scale 10 is the official evaluators' convention
+    (tags v1.0-v2.1), scale 1 what the TLift docstring prescribes for lifting raw QAConv scores."""
+    return expit(np.asarray(logits, dtype=np.float64) / scale)
+
+
+def logit_distance(logits: np.ndarray, convention: str = "sigmoid") -> np.ndarray:
+    """The official evaluator's distance for a ``rerank_input`` convention: 1 - sigma(logit / 10) ("sigmoid",
+    tags v1.0-v2.1, float64) or -logit ("logit", latest commit; may be negative)."""
+    if convention == "sigmoid":
+        return 1.0 - logit_to_similarity(logits)
+    if convention == "logit":
+        return -np.asarray(logits)
+    raise QAConvError(f"rerank_input must be one of {', '.join(RERANK_INPUTS)}, got {convention!r}")
 
 
 def rerank_distances(s_qg: np.ndarray, score_fn, num_query: int, opts: dict) -> np.ndarray:
-    """k-reciprocal re-ranked [Q, G] distances, with distance = 1 - sigma(logit / 10).
+    """k-reciprocal re-ranked [Q, G] distances of :func:`logit_distance` (``opts['rerank_input']``).
 
     ``score_fn(rows, cols)`` returns the logits between two index ranges/arrays of the stacked
     query+gallery set. Up to ``rerank_dense_max`` images the dense form is used; beyond, neighbour lists
-    are streamed column block by column block, so memory stays O(N * k1) plus the [Q, G] output."""
+    are streamed column block by column block, so memory stays O(N * k1) plus the [Q, G] output. With
+    "logit" the column maxima of -logit may be negative (dividing by them reverses a column's order), as in
+    the latest official commit."""
     from ..rerank import k_reciprocal, k_reciprocal_knn, knn_lists
 
     def dist(logits):
-        return 1.0 - logit_to_similarity(logits)
+        return logit_distance(logits, opts["rerank_input"])
+
+    def checked(col_max: np.ndarray) -> None:
+        if not (np.isfinite(col_max).all() and (col_max != 0).all()):
+            raise QAConvError(f"re-ranking ({opts['rerank_input']} input): a column maximum of the distance matrix is "
+                              "0 or not finite, so the column normalisation is undefined; use rerank_input 'sigmoid'")
 
     q, n = num_query, num_query + s_qg.shape[1]
     kw = dict(k1=opts["k1"], k2=opts["k2"], lambda_value=opts["lambda_value"])
     if n <= opts["rerank_dense_max"]:
+        d_qg = dist(s_qg)
         d_qq, d_gg = dist(score_fn(slice(0, q), slice(0, q))), dist(score_fn(slice(q, n), slice(q, n)))
-        return k_reciprocal(dist(s_qg), d_qq, d_gg, **kw)
+        checked(np.concatenate([np.maximum(d_qq.max(0), d_qg.max(1)), np.maximum(d_qg.max(0), d_gg.max(0))]))
+        return k_reciprocal(d_qg, d_qq, d_gg, **kw)
     every = slice(0, n)
-    lists = knn_lists(lambda a, b: dist(score_fn(every, slice(a, b))), n, max(opts["k1"] + 1, opts["k2"]))
+
+    def column_block(a: int, b: int) -> np.ndarray:
+        block = dist(score_fn(every, slice(a, b)))
+        checked(block.max(axis=0))
+        return block
+
+    lists = knn_lists(column_block, n, max(opts["k1"] + 1, opts["k2"]))
 
     def pair_dist(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         out = np.empty(len(rows), dtype=np.float64)
@@ -84,16 +117,16 @@ def rerank_distances(s_qg: np.ndarray, score_fn, num_query: int, opts: dict) -> 
 
 
 def postprocess(s_qg, data, cfg: dict, score_fn=None, progress: bool = True) -> dict[str, np.ndarray]:
-    """Distance matrices [Q, G] to evaluate: '' (QAConv: -logit), and when asked and possible '+TLift',
-    '+RR', '+RR+TLift'. ``score_fn(rows, cols)`` gives logits within the stacked query+gallery set
-    (needed for re-ranking)."""
+    """Distance matrices [Q, G] to evaluate, by row label: '' (QAConv: -logit) and, when asked, TLIFT_DIRECT
+    (``tlift_direct``: 1 - TLift(sigma(logit))), RR (``rerank`` or ``tlift``) and RR_TLIFT (``tlift``:
+    1 - TLift(1 - re-ranked distance), the official evaluators' TLift). TLift rows need time stamps.
+    ``score_fn(rows, cols)`` gives logits within the stacked query+gallery set (needed for re-ranking)."""
     opts = {**POST_DEFAULTS, **cfg}
+    check_post_options(opts)
     rows = {"": -s_qg}
-    use_tlift = opts["tlift"] and data.has_time
-    if opts["tlift"] and not data.has_time and progress:
+    use_time = data.has_time
+    if (opts["tlift"] or opts["tlift_direct"]) and not use_time and progress:
         print(f"{data.name}: no time stamps, TLift skipped")
-    if not (use_tlift or opts["rerank"]):
-        return rows
     q_cams = np.array([r.camid for r in data.query])
     g_cams = np.array([r.camid for r in data.gallery])
 
@@ -102,47 +135,71 @@ def postprocess(s_qg, data, cfg: dict, score_fn=None, progress: bool = True) -> 
 
         q_times = np.array([r.time for r in data.query], dtype=np.float64)
         g_times = np.array([r.time for r in data.gallery], dtype=np.float64)
-        return tlift(
-            score,
-            q_cams,
-            q_times,
-            g_cams,
-            g_times,
-            tau=opts["tau"],
-            sigma=opts["sigma"],
-            k=opts["tlift_k"],
-            alpha=opts["alpha"],
-        )
+        kw = dict(tau=opts["tau"], sigma=opts["sigma"], k=opts["tlift_k"], alpha=opts["alpha"])
+        return tlift(score, q_cams, q_times, g_cams, g_times, **kw)
 
-    sim_qg = logit_to_similarity(s_qg)
-    if use_tlift:
-        rows["+TLift"] = 1.0 - lift(sim_qg)
-    if opts["rerank"]:
+    if opts["tlift_direct"] and use_time:
+        rows[TLIFT_DIRECT] = 1.0 - lift(logit_to_similarity(s_qg, scale=1.0))
+    if opts["rerank"] or opts["tlift"]:
         d_rr = rerank_distances(s_qg, score_fn, len(data.query), opts)
-        rows["+RR"] = d_rr
-        if use_tlift:
-            rows["+RR+TLift"] = 1.0 - lift(1.0 - d_rr)
+        rows[RR] = d_rr
+        if opts["tlift"] and use_time:
+            rows[RR_TLIFT] = 1.0 - lift(1.0 - d_rr)
     return rows
 
 
-def save_scores(path_stem: Path, rows: dict[str, np.ndarray], data) -> list[Path]:
-    """Write the raw, re-ranked and lifted scores with ids, cameras, times and file lists as .npz and .mat."""
+def _relative_names(recs) -> np.ndarray:
+    """File names relative to the split's common folder, like the official lists (Market: the file name;
+    MSMT17: pid/file as in its list files); an object array, which savemat writes as a cell array."""
+    parents = [os.path.dirname(os.path.abspath(r.path)) for r in recs]
+    root = os.path.commonpath(parents) if parents else ""
+    return np.array([os.path.relpath(os.path.abspath(r.path), root) for r in recs], dtype=object)
+
+
+def score_arrays(rows: dict[str, np.ndarray], logits: np.ndarray, data, convention: str = "sigmoid"):
+    """(mat, npz) dicts of what :func:`save_scores` writes.
+
+    ``mat`` is the official ``--save_score`` layout: ``score`` = 1 - dist (dist = :func:`logit_distance`, float32:
+    sigma(logit/10) for "sigmoid", 1 + logit for "logit"), ``score_rerank`` = 1 - re-ranked dist, ``score_tlift``
+    = 1 - dist of RR_TLIFT (TLift of score_rerank), ``gal_time``/``prob_time`` (s), ``gal_list``/``prob_list``
+    (cell arrays of names), ``gal_ids``/``prob_ids``/``gal_cams``/``prob_cams`` (int64). Like the official code,
+    a matrix not computed is the scalar 1.0 and the times are the scalar 0 unless TLift ran.
+
+    ``npz`` holds the same keys where computed, per-image arrays 1-D, times always (NaN where unknown), plus
+    ``logit`` [Q, G] (raw QAConv scores), ``score_tlift_direct`` (TLIFT_DIRECT, when computed),
+    ``gal_paths``/``prob_paths`` (full paths) and ``rerank_input`` (the convention)."""
+    mat = {"score": 1.0 - logit_distance(logits, convention).astype(np.float32)}
+    npz = {"logit": np.asarray(logits, dtype=np.float32), "score": mat["score"], "rerank_input": np.array(convention)}
+    for key, label in (("score_rerank", RR), ("score_tlift", RR_TLIFT), ("score_tlift_direct", TLIFT_DIRECT)):
+        if label in rows:
+            npz[key] = 1.0 - rows[label]
+        if key != "score_tlift_direct":
+            mat[key] = npz.get(key, 1.0)
+    for short, split in (("prob", "query"), ("gal", "gallery")):
+        recs = getattr(data, split)
+        times = np.array([np.nan if r.time is None else r.time for r in recs], dtype=np.float64)
+        mat[f"{short}_time"] = times if RR_TLIFT in rows else 0
+        npz[f"{short}_time"] = times
+        mat[f"{short}_list"] = _relative_names(recs)
+        npz[f"{short}_list"] = mat[f"{short}_list"].astype(str)
+        npz[f"{short}_paths"] = np.array([r.path for r in recs], dtype=str)
+        for key, attr in (("ids", "pid"), ("cams", "camid")):
+            mat[f"{short}_{key}"] = npz[f"{short}_{key}"] = np.array([getattr(r, attr) for r in recs], dtype=np.int64)
+    return mat, npz
+
+
+def save_scores(out_dir, data, rows: dict[str, np.ndarray], logits: np.ndarray, convention: str = "sigmoid"):
+    """Write ``NAME_score.mat`` (the official layout, per-image arrays as [N, 1] columns) and ``NAME_scores.npz``
+    (see :func:`score_arrays`) into ``out_dir``; returns both paths."""
     from scipy.io import savemat
 
-    arrays = {
-        "score" if not k else "score" + k.replace("+", "_").lower(): -v if not k else 1.0 - v for k, v in rows.items()
-    }
-    for split in ("query", "gallery"):
-        recs = getattr(data, split)
-        arrays[f"{split}_ids"] = np.array([r.pid for r in recs], dtype=np.int64)
-        arrays[f"{split}_cams"] = np.array([r.camid for r in recs], dtype=np.int64)
-        arrays[f"{split}_times"] = np.array([np.nan if r.time is None else r.time for r in recs], dtype=np.float64)
-        arrays[f"{split}_files"] = np.array([r.path for r in recs], dtype=str)
-    path_stem.parent.mkdir(parents=True, exist_ok=True)
-    npz, mat = path_stem.with_suffix(".npz"), path_stem.with_suffix(".mat")
-    np.savez_compressed(npz, **arrays)
-    savemat(mat, arrays, do_compression=True)
-    return [npz, mat]
+    mat, npz = score_arrays(rows, logits, data, convention)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mat_path, npz_path = out_dir / f"{data.name}_score.mat", out_dir / f"{data.name}_scores.npz"
+    savemat(mat_path, mat, oned_as="column", do_compression=True)
+    np.savez_compressed(npz_path, **npz)
+    return [mat_path, npz_path]
 
 
 def _take(q: torch.Tensor, g: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
@@ -160,8 +217,13 @@ def _take(q: torch.Tensor, g: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
 
 def check_post_options(cfg: dict) -> None:
     """Refuse option combinations that cannot work, before any data is loaded."""
-    if cfg.get("two_stage", 0) > 0 and cfg.get("rerank"):
-        raise QAConvError("--rerank needs every query-gallery and gallery-gallery score; use it without --two-stage")
+    if cfg.get("rerank_input", "sigmoid") not in RERANK_INPUTS:
+        raise QAConvError(f"rerank_input must be one of {', '.join(RERANK_INPUTS)}, got {cfg['rerank_input']!r}")
+    if cfg.get("two_stage", 0) > 0 and (cfg.get("rerank") or cfg.get("tlift")):
+        raise QAConvError(
+            "--rerank and --tlift (which re-ranks) need every query-gallery and gallery-gallery score; "
+            "use them without --two-stage"
+        )
 
 
 def _two_stage(matcher, q, g, cfg: dict, match: dict, name: str, progress: bool) -> np.ndarray:
@@ -224,7 +286,7 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
     if keep is not None:
         keep.update(dists=rows, q=q, g=g)
     if cfg.get("save_scores") and out_dir is not None and is_main():
-        written = save_scores(Path(out_dir) / f"{data.name}_scores", rows, data)
+        written = save_scores(out_dir, data, rows, s_qg, cfg.get("rerank_input", "sigmoid"))
         if progress:
             print("wrote " + ", ".join(map(str, written)))
     return results, time.perf_counter() - start
@@ -233,8 +295,8 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
 def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -> dict[str, RankResult]:
     """Evaluate on each named test set; prints a table and logs one metrics.jsonl row per set and row.
 
-    Keys of the result: the test-set name, and ``NAME +TLift``, ``NAME +RR``, ``NAME +RR+TLift`` when
-    asked for (``cfg['rerank']``, ``cfg['tlift']``)."""
+    Keys of the result: the test-set name, and ``NAME +RR`` (``cfg['rerank']`` or ``cfg['tlift']``),
+    ``NAME +RR+TLift`` (``cfg['tlift']``) and ``NAME +TLift(unofficial)`` (``cfg['tlift_direct']``) when asked for."""
     check_post_options(cfg)
     init_from_env(cfg.get("device"))  # under torchrun: the scores are computed in shares
     progress = progress and is_main()
