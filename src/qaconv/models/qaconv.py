@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 VERSIONS = ("1", "2.1")
+SEMANTICS = ("default", "official")  # of QAConv.correspondences
 
 
 class QAConv(nn.Module):
@@ -86,23 +88,43 @@ class QAConv(nn.Module):
         return self.head(self.pool(prob, gal))
 
     @torch.no_grad()
-    def correspondences(self, prob_map: Tensor, gal_map: Tensor) -> dict[str, np.ndarray]:
+    def correspondences(self, prob_map: Tensor, gal_map: Tensor, semantics: str = "default") -> dict[str, np.ndarray]:
         """Best local matches between one probe map and one gallery map ``[C, H, W]``.
 
         Locations are flat row-major indices ``y * width + x``. Returns ``probe_to_gallery`` /
         ``probe_to_gallery_sim`` (best gallery location for each probe location and its cosine),
         ``gallery_to_probe`` / ``gallery_to_probe_sim`` (the reverse), ``probe_weight`` /
-        ``gallery_weight`` (the fc weight applied to each location's pooled similarity) and
-        ``similarity`` ``[HW probe, HW gallery]``.
+        ``gallery_weight`` (the fc weight applied to each location), ``probe_contribution`` /
+        ``gallery_contribution`` (what each location adds to the score, see below), ``similarity``
+        ``[HW probe, HW gallery]`` and ``semantics`` (a 0-d string array).
+
+        ``semantics="default"``: the probe is the kernel side (the first argument of :meth:`forward`, as
+        in the official training and evaluation code); contribution = cosine x fc weight (no BN).
+        ``semantics="official"``: as the official ``matching/qaconv_match.py``, the gallery is the kernel
+        side, so in version "1" the first fc half (the gallery half of ``forward(prob, gal)``) weighs the
+        probe locations and the second half the gallery locations; contribution = fc weight x
+        ``bn(cosine)`` with ``bn``'s running statistics (no fc bias). In version "2.1" both sides use the
+        shared weight (the official script assumes the 2*HW fc and does not run on it).
         """
+        if semantics not in SEMANTICS:
+            raise ValueError(f"unknown correspondence semantics {semantics!r}; choose one of: {', '.join(SEMANTICS)}")
         dtype = torch.promote_types(prob_map.dtype, torch.float32)  # fp16 maps are compared in fp32
         p = self._flatten(prob_map.unsqueeze(0), "probe")[0].to(dtype)
         g = self._flatten(gal_map.unsqueeze(0), "gallery")[0].to(dtype)
         sim = p.t() @ g
         p2g_sim, p2g = sim.max(dim=1)
         g2p_sim, g2p = sim.max(dim=0)
-        w = self.fc.weight.detach().reshape(-1)
-        probe_w, gallery_w = (w, w) if self.version == "2.1" else (w[self.hw :], w[: self.hw])
+        w = self.fc.weight.detach().reshape(-1).to(dtype)
+        if self.version == "2.1":
+            probe_w, gallery_w = w, w
+        elif semantics == "default":
+            probe_w, gallery_w = w[self.hw :], w[: self.hw]
+        else:
+            probe_w, gallery_w = w[: self.hw], w[self.hw :]
+        if semantics == "default":
+            probe_c, gallery_c = p2g_sim * probe_w, g2p_sim * gallery_w
+        else:
+            probe_c, gallery_c = self._bn_eval(p2g_sim) * probe_w, self._bn_eval(g2p_sim) * gallery_w
         out = dict(
             probe_to_gallery=p2g,
             probe_to_gallery_sim=p2g_sim,
@@ -110,6 +132,17 @@ class QAConv(nn.Module):
             gallery_to_probe_sim=g2p_sim,
             probe_weight=probe_w,
             gallery_weight=gallery_w,
+            probe_contribution=probe_c,
+            gallery_contribution=gallery_c,
             similarity=sim,
         )
-        return {k: v.cpu().numpy().copy() for k, v in out.items()}
+        out = {k: v.cpu().numpy().copy() for k, v in out.items()}
+        out["semantics"] = np.array(semantics)
+        return out
+
+    def _bn_eval(self, x: Tensor) -> Tensor:
+        """``bn`` applied elementwise with its running statistics (eval mode, whatever the module's mode)."""
+        bn = self.bn
+        y = F.batch_norm(x.reshape(-1, 1), bn.running_mean.to(x.dtype), bn.running_var.to(x.dtype),
+                         bn.weight.detach().to(x.dtype), bn.bias.detach().to(x.dtype), False, 0.0, bn.eps)
+        return y.reshape(x.shape)

@@ -1,8 +1,16 @@
 """Drawings of QAConv matches: which local regions of two images match, and how well.
 
 :func:`draw_match` puts two images side by side with lines between their strongest corresponding
-feature-map cells (coloured by cosine similarity) and, in a second row, each image overlaid with the
-best-match similarity of every location. :func:`match_images` does the whole thing for two files.
+feature-map cells and, in a second row, each image overlaid with a value per location. :func:`match_images`
+does the whole thing for two files. Two semantics (see :meth:`qaconv.models.QAConv.correspondences`):
+
+* ``"default"``: probe = kernel side (as the official evaluation); lines ranked by cosine x fc weight,
+  ``threshold`` on the cosine, colours and heat maps show the best cosine per location, the title shows
+  the logit.
+* ``"official"``: as the official ``matching/qaconv_match.py`` + ``demo.m``: gallery = kernel side; lines
+  ranked by fc weight x bn(cosine), ``threshold`` on that contribution (demo.m's 0.5 on 200x the
+  contribution is ``threshold=0.0025``), colours and heat maps show the contribution per location, the
+  title shows sigmoid(logit / 10).
 """
 
 from __future__ import annotations
@@ -14,20 +22,32 @@ import torch
 from PIL import Image
 
 
+def _semantics(corr: dict) -> str:
+    return str(corr.get("semantics", "default"))
+
+
 def select_matches(corr: dict, top: int | None = 20, threshold: float | None = None) -> np.ndarray:
     """Probe locations (flat indices) to draw, strongest first.
 
-    Locations are ranked by ``probe_to_gallery_sim * probe_weight`` (their contribution to the score).
-    With ``threshold`` the locations whose best similarity ``probe_to_gallery_sim`` exceeds it are kept
-    (all of them, ``top`` is ignored); otherwise the ``top`` best. Ties keep the lower index first.
+    Locations are ranked by their contribution to the score: ``probe_contribution`` where given, else
+    ``probe_to_gallery_sim * probe_weight``. With ``threshold`` every location above it is kept (``top``
+    is ignored), compared with the best similarity ``probe_to_gallery_sim`` under the default semantics
+    and with the contribution under ``corr["semantics"] == "official"``; otherwise the ``top`` best.
+    Ties keep the lower index first.
     """
     sim = np.asarray(corr["probe_to_gallery_sim"], dtype=np.float64).reshape(-1)
-    weight = np.asarray(corr["probe_weight"], dtype=np.float64).reshape(-1)
-    if weight.shape != sim.shape:
-        raise ValueError(f"probe_weight has {weight.size} entries but there are {sim.size} probe locations")
-    order = np.argsort(-(sim * weight), kind="stable")
+    if "probe_contribution" in corr:
+        contrib = np.asarray(corr["probe_contribution"], dtype=np.float64).reshape(-1)
+        name = "probe_contribution"
+    else:
+        contrib = sim * np.asarray(corr["probe_weight"], dtype=np.float64).reshape(-1)
+        name = "probe_weight"
+    if contrib.shape != sim.shape:
+        raise ValueError(f"{name} has {contrib.size} entries but there are {sim.size} probe locations")
+    order = np.argsort(-contrib, kind="stable")
     if threshold is not None:
-        return order[sim[order] > threshold]
+        value = contrib if _semantics(corr) == "official" else sim
+        return order[value[order] > threshold]
     if top is None:
         return order
     if top < 0:
@@ -70,6 +90,12 @@ def _as_rgb(image, size: tuple[int, int] | None) -> np.ndarray:
     return np.asarray(image)
 
 
+_SHOWN = {  # semantics -> (value per location, its label, the score's name in the title)
+    "default": ("sim", "cosine similarity", "QAConv logit"),
+    "official": ("contribution", "fc weight x bn(cosine)", "QAConv sigmoid(logit/10)"),
+}
+
+
 def draw_match(
     image_a,
     image_b,
@@ -85,10 +111,12 @@ def draw_match(
     """Draw the match of ``image_a`` (probe) and ``image_b`` (gallery) into the PNG ``path``.
 
     ``corr`` is :meth:`QAConv.correspondences` of the two feature maps, of spatial size ``feature_size``
-    ``(h, w)``. Top row: both images side by side (resized to ``image_size`` ``(height, width)``, by default
-    image_a's size) with lines between the cell centres of the selected probe locations (see
-    :func:`select_matches`) and their best gallery locations, coloured by cosine similarity. Bottom row:
-    the best similarity of every probe / gallery location over its image. The title shows ``score``.
+    ``(h, w)``; its ``semantics`` (default: ``"default"``) decides what is shown (module docstring). Top
+    row: both images side by side (resized to ``image_size`` ``(height, width)``, by default image_a's
+    size) with lines from the cell centres of the selected probe locations (see :func:`select_matches`)
+    to their best gallery locations. Bottom row: the value of every probe / gallery location over its
+    image. The title names the semantics and shows ``score``, which the caller computes: the logit under
+    the default semantics, sigmoid(logit / 10) of the gallery-as-kernel logit under the official ones.
     """
     import matplotlib
 
@@ -98,12 +126,20 @@ def draw_match(
 
     if feature_size is None:
         raise ValueError("feature_size (h, w) of the feature maps is required")
+    semantics = _semantics(corr)
+    if semantics not in _SHOWN:
+        raise ValueError(f"unknown correspondence semantics {semantics!r}; choose one of: {', '.join(_SHOWN)}")
+    shown, value_label, score_name = _SHOWN[semantics]
     fh, fw = (int(v) for v in feature_size)
-    p_sim = np.asarray(corr["probe_to_gallery_sim"], dtype=np.float64).reshape(-1)
-    g_sim = np.asarray(corr["gallery_to_probe_sim"], dtype=np.float64).reshape(-1)
+    if shown == "sim":
+        p_val, g_val = corr["probe_to_gallery_sim"], corr["gallery_to_probe_sim"]
+    else:
+        p_val, g_val = corr["probe_contribution"], corr["gallery_contribution"]
+    p_val = np.asarray(p_val, dtype=np.float64).reshape(-1)
+    g_val = np.asarray(g_val, dtype=np.float64).reshape(-1)
     p2g = np.asarray(corr["probe_to_gallery"], dtype=np.int64).reshape(-1)
-    if p_sim.size != fh * fw or g_sim.size != fh * fw or p2g.size != fh * fw:
-        raise ValueError(f"correspondences do not fit a {fh}x{fw} feature map ({p_sim.size} probe locations)")
+    if p_val.size != fh * fw or g_val.size != fh * fw or p2g.size != fh * fw:
+        raise ValueError(f"correspondences do not fit a {fh}x{fw} feature map ({p_val.size} probe locations)")
 
     img_a = _as_rgb(image_a, image_size)
     size = img_a.shape[:2]
@@ -114,9 +150,9 @@ def draw_match(
     chosen = select_matches(corr, top=top, threshold=threshold)
     start = _cell_centres(chosen, (fh, fw), size)
     end = _cell_centres(p2g[chosen], (fh, fw), size) + np.array([iw + gap, 0.0])
-    line_sim = p_sim[chosen]
+    line_val = p_val[chosen]
 
-    lo, hi = float(min(p_sim.min(), g_sim.min())), float(max(p_sim.max(), g_sim.max()))
+    lo, hi = float(min(p_val.min(), g_val.min())), float(max(p_val.max(), g_val.max()))
     if hi - lo < 1e-6:
         lo, hi = lo - 0.5, hi + 0.5
     norm = matplotlib.colors.Normalize(vmin=lo, vmax=hi)
@@ -132,29 +168,35 @@ def draw_match(
     ax_top.imshow(canvas)
     if len(chosen):
         segments = np.stack((start, end), axis=1)
-        order = np.argsort(line_sim)  # strongest drawn last, on top
-        lines = LineCollection(segments[order], colors=cmap(norm(line_sim[order])), linewidths=1.6, alpha=0.9)
+        order = np.argsort(line_val)  # strongest drawn last, on top
+        lines = LineCollection(segments[order], colors=cmap(norm(line_val[order])), linewidths=1.6, alpha=0.9)
         ax_top.add_collection(lines)
-        ax_top.scatter(*np.concatenate((start, end)).T, s=10, c=cmap(norm(np.concatenate((line_sim, line_sim)))),
+        ax_top.scatter(*np.concatenate((start, end)).T, s=10, c=cmap(norm(np.concatenate((line_val, line_val)))),
                        edgecolors="white", linewidths=0.4, zorder=3)
-    rule = f"sim > {threshold:g}" if threshold is not None else f"top {len(chosen)}"
-    ax_top.set_title(f"{len(chosen)} matches ({rule}, by similarity x weight)", fontsize=8)
+    if threshold is None:
+        rule = f"top {len(chosen)}"
+    else:
+        rule = f"{'cosine' if shown == 'sim' else 'contribution'} > {threshold:g}"
+    ranking = "cosine x fc weight" if shown == "sim" else value_label
+    ax_top.set_title(f"{len(chosen)} matches ({rule}, ranked by {ranking})", fontsize=8)
     ax_top.set_xlim(-0.5, canvas.shape[1] - 0.5)
     ax_top.set_ylim(ih - 0.5, -0.5)
     ax_top.axis("off")
 
     axes = [ax_top]
-    for col, (img, sim_map, label) in enumerate(((img_a, p_sim, labels[0]), (img_b, g_sim, labels[1]))):
+    cell = "best match" if shown == "sim" else "contribution"
+    for col, (img, val_map, label) in enumerate(((img_a, p_val, labels[0]), (img_b, g_val, labels[1]))):
         ax = fig.add_subplot(grid[1, col])
         ax.imshow(img)
-        ax.imshow(sim_map.reshape(fh, fw), cmap=cmap, norm=norm, alpha=0.6, interpolation="nearest",
+        ax.imshow(val_map.reshape(fh, fw), cmap=cmap, norm=norm, alpha=0.6, interpolation="nearest",
                   extent=(-0.5, iw - 0.5, ih - 0.5, -0.5))
-        ax.set_title(f"{label}: best match per location", fontsize=8)
+        ax.set_title(f"{label}: {cell} per location", fontsize=8)
         ax.axis("off")
         axes.append(ax)
 
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, label="cosine similarity")
-    fig.suptitle(f"QAConv score {score:.3f}", fontsize=11)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, label=value_label)
+    kernel = "probe" if semantics == "default" else "gallery"
+    fig.suptitle(f"{score_name} {score:.3f}\n{semantics} semantics ({kernel} = kernel side)", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
@@ -163,13 +205,19 @@ def draw_match(
 
 
 def match_images(extractor, path_a, path_b, out_png: str | Path, top: int | None = 20,
-                 threshold: float | None = None) -> tuple[float, Path]:
+                 threshold: float | None = None, semantics: str = "default") -> tuple[float, Path]:
     """Score ``path_a`` (probe) against ``path_b`` (gallery) with ``extractor.matcher`` and draw the match.
 
     ``extractor`` is a :class:`qaconv.extractor.FeatureExtractor` whose matcher is QAConv. The images may
-    also be anything the extractor accepts for a single image. Returns ``(score, png_path)``, the score
-    being the matcher's logit.
+    also be anything the extractor accepts for a single image. Returns ``(score, png_path)``: under the
+    default semantics the eval-mode logit ``matcher(probe, gallery)``; under ``semantics="official"``
+    sigmoid(logit / 10) of ``matcher(gallery, probe)`` (the gallery as kernel side, as the official
+    ``matching/qaconv_match.py``; the same logit in version 2.1, which is symmetric).
     """
+    from ..models.qaconv import SEMANTICS
+
+    if semantics not in SEMANTICS:
+        raise ValueError(f"unknown correspondence semantics {semantics!r}; choose one of: {', '.join(SEMANTICS)}")
     matcher = extractor.matcher
     if matcher is None or not hasattr(matcher, "correspondences"):
         raise ValueError("match_images needs an extractor whose matcher is QAConv (load it from a checkpoint)")
@@ -184,8 +232,11 @@ def match_images(extractor, path_a, path_b, out_png: str | Path, top: int | None
     matcher.eval()
     try:
         with torch.inference_mode():
-            score = float(matcher(maps[:1], maps[1:]).reshape(-1)[0])
-            corr = matcher.correspondences(maps[0], maps[1])
+            if semantics == "official":
+                score = float(torch.sigmoid(matcher(maps[1:], maps[:1]).reshape(-1)[0] / 10))
+            else:
+                score = float(matcher(maps[:1], maps[1:]).reshape(-1)[0])
+            corr = matcher.correspondences(maps[0], maps[1], semantics=semantics)
     finally:
         matcher.train(was_training)
     path = draw_match(inputs[0], inputs[1], corr, score, out_png, top=top, threshold=threshold,
