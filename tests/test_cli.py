@@ -27,7 +27,8 @@ def test_train_help_shows_official_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("(default: 0.005)", "(default: 16.0)", "(default: layer3)", "(default: 0.7)", "(default: graph)"):
+    for text in ("(2.1 recipe: 0.005)", "(2.1 recipe: 16.0)", "(2.1 recipe: layer3)", "(2.1 recipe: 0.7)",
+                 "(2.1 recipe: graph)", "(default: 2.1)", "(default: runs/qaconv)"):  # fmt: skip
         assert text in out
 
 

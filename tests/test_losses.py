@@ -233,3 +233,47 @@ def test_class_memory_bad_input():
         crit(torch.zeros(2, 3, 1, 1), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         crit(torch.zeros(2, 2, 1, 1), torch.tensor([0, 3]))
+
+
+def test_class_memory_v1_0_joint_bn_equals_one_call_over_all_classes():
+    """v1.0: the head's training-mode BNs see every class at once; chunking must not change the scores."""
+    from qaconv.models import QAConv
+
+    torch.manual_seed(0)
+    matcher = QAConv(4, 2, 2, version="1").train()
+    memory = torch.nn.functional.normalize(torch.randn(7, 4, 2, 2), dim=1)
+    feats = torch.nn.functional.normalize(torch.randn(5, 4, 2, 2), dim=1)
+    targets = torch.tensor([0, 3, 6, 2, 3])
+
+    def loss_of(**kw):
+        crit = ClassMemoryLoss(matcher, num_classes=7, num_features=4, height=2, width=2, mem_batch_size=3, **kw)
+        crit.class_memory.copy_(memory)
+        crit.valid_class.fill_(1.0)
+        return crit(feats, targets)[0]
+
+    scores = matcher(feats, memory)  # the reference: one call over all 7 classes
+    one_hot = torch.nn.functional.one_hot(targets, 7).float()
+    p = torch.sigmoid(scores)
+    ref = (torch.nn.functional.binary_cross_entropy_with_logits(scores, one_hot, reduction="none")
+           * torch.where(one_hot.bool(), 1 - p, p) ** 2).sum(1)  # fmt: skip
+    torch.testing.assert_close(loss_of(joint_bn=True), ref)
+    assert not torch.allclose(loss_of(joint_bn=False), ref)  # per-chunk BN statistics differ
+
+
+def test_class_memory_v1_0_counts_classes_never_written():
+    matcher = DotMatcher()
+    crit = ClassMemoryLoss(matcher, num_classes=3, num_features=2, height=1, width=1, mask_invalid=False)
+    crit.class_memory[0] = torch.tensor([1.0, 0.0]).view(2, 1, 1)
+    crit.valid_class[0] = 1.0
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 2, 1, 1)
+    loss, _ = crit.eval()(feats, torch.tensor([0, 1]))
+    scores = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # dot products with memories [e0, 0, 0]
+    one_hot = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    p = torch.sigmoid(scores)
+    bce = -(one_hot * torch.log(p) + (1 - one_hot) * torch.log(1 - p))
+    ref = (bce * torch.where(one_hot.bool(), 1 - p, p) ** 2).sum(1)  # all three classes, none masked
+    torch.testing.assert_close(loss, ref)
+    masked = ClassMemoryLoss(matcher, num_classes=3, num_features=2, height=1, width=1)
+    masked.load_state_dict(crit.state_dict())
+    torch.testing.assert_close(masked.eval()(feats, torch.tensor([0, 1]))[0], (bce * torch.where(
+        one_hot.bool(), 1 - p, p) ** 2)[:, :1].sum(1))  # fmt: skip

@@ -80,10 +80,11 @@ def test_training_reduces_loss(tiny_domain, tmp_path, loss, sampler, matcher):
 
 
 def test_class_memory_training_runs_and_logs(tiny_domain, tmp_path):
-    cfg = _cfg(tiny_domain, tmp_path / "run", loss="memory", sampler="pk", max_epochs=3, step_factor=10, augment=False)
+    cfg = _cfg(tiny_domain, tmp_path / "run", loss="memory", sampler="pk", max_epochs=4, step_factor=10, augment=False)
     run = train(cfg, progress=False)
     losses = [r["loss"] for r in run["epochs"]]
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    # epoch 1 starts from an empty memory (few valid classes, so a low loss): compare from epoch 2 on
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[1]
 
 
 class _Interrupt(Exception):

@@ -58,8 +58,39 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
 
 
-def _add_model_args(p, d: dict) -> None:
-    g = p.add_argument_group("model")
+class _Explicit:
+    """An argument group whose options are recorded only when given, so that a recipe fills in the rest;
+    the help states the default recipe's (2.1) value."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def add_argument(self, *flags, default=None, help=None, **kw):
+        from .recipes import RECIPE_KEYS
+
+        key = max(flags, key=len).lstrip("-").replace("-", "_")
+        shown = default if default is not None else (False if kw.get("action") == "store_true" else "none")
+        help = f"{help} (" + ("2.1 recipe: " if key in RECIPE_KEYS else "default: ") + f"{shown})"
+        return self.group.add_argument(*flags, default=argparse.SUPPRESS, help=help, **kw)
+
+
+def _group(p, title: str, explicit: bool):
+    g = p.add_argument_group(title)
+    return _Explicit(g) if explicit else g
+
+
+def _augment(value: str) -> str:
+    v = value.lower()
+    if v in ("full", "flip-occlusion", "none"):
+        return v
+    try:
+        return "full" if _bool(v) else "none"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected full, flip-occlusion or none, got '{value}'") from None
+
+
+def _add_model_args(p, d: dict, explicit: bool = False) -> None:
+    g = _group(p, "model", explicit)
     g.add_argument(
         "-a",
         "--arch",
@@ -76,12 +107,15 @@ def _add_model_args(p, d: dict) -> None:
     g.add_argument(
         "--ibn", default=d["ibn"], type=_choices_or_none("a", "b", "none"), help="IBN-Net variant: a, b or none"
     )
-    g.add_argument("--neck", default=d["neck"], type=int, help="3x3 neck conv channels; 0 disables the neck")
+    g.add_argument("--neck", default=d["neck"], type=_positive(int, zero=True), help="3x3 neck conv channels; 0 = none")
+    g.add_argument(
+        "--neck-bn", default=d["neck_bn"], type=_bool, help="v1.0-v2.0 neck: conv without bias + BatchNorm2d"
+    )
     g.add_argument(
         "--input-norm",
         default=d["input_norm"],
         choices=["imagenet", "none"],
-        help="normalisation applied inside the model to RGB in [0,1] ('none' = official code)",
+        help="normalisation applied inside the model to RGB in [0,1] ('none': [0,1] RGB, as the official code)",
     )
     g.add_argument(
         "--pretrained",
@@ -111,8 +145,8 @@ def _add_model_args(p, d: dict) -> None:
     )
 
 
-def _add_run_args(p, d: dict) -> None:
-    g = p.add_argument_group("run")
+def _add_run_args(p, d: dict, explicit: bool = False) -> None:
+    g = _group(p, "run", explicit)
     g.add_argument("--data-dir", default=d["data_dir"], help="folder holding the datasets")
     g.add_argument("--testsets", default=d["testsets"], help="comma-separated test sets; '' skips evaluation")
     g.add_argument("-j", "--workers", default=d["workers"], type=int, help="data-loading worker processes")
@@ -126,15 +160,44 @@ def _add_run_args(p, d: dict) -> None:
     )
 
 
-def _add_post_args(p, d: dict) -> None:
-    g = p.add_argument_group("post-processing (scores mapped to sigma(logit/10) similarities first)")
-    g.add_argument("--rerank", action="store_true", help="add k-reciprocal re-ranking rows (+RR, +RR+TLift)")
-    g.add_argument("--tlift", action="store_true", help="add TLift rows on test sets with time stamps")
-    g.add_argument("--save-scores", action="store_true", help="write raw/re-ranked/lifted scores as .npz and .mat")
+def _add_post_args(p, d: dict, explicit: bool = False) -> None:
+    g = _group(p, "post-processing (the official protocol: re-ranking, then TLift on the re-ranked score)", explicit)
+    g.add_argument("--rerank", default=False, type=_bool, nargs="?", const=True, help="add the +RR row")
+    g.add_argument(
+        "--tlift",
+        default=False,
+        type=_bool,
+        nargs="?",
+        const=True,
+        help="add the official +RR and +RR+TLift rows (TLift on re-ranked scores; test sets with time stamps)",
+    )
+    g.add_argument(
+        "--tlift-direct",
+        default=False,
+        type=_bool,
+        nargs="?",
+        const=True,
+        help="also a row of TLift on sigma(logit) without re-ranking (not part of the official protocol)",
+    )
+    g.add_argument(
+        "--rerank-input",
+        default=d["rerank_input"],
+        choices=["sigmoid", "logit"],
+        help="distances fed to re-ranking: 1 - sigma(logit/10) (tags v1.0-v2.1) or -logit (latest official commit); "
+        "evaluate: the checkpoint's recipe unless given",
+    )
+    g.add_argument(
+        "--save-scores",
+        default=False,
+        type=_bool,
+        nargs="?",
+        const=True,
+        help="write the official .mat score file (score, score_rerank, score_tlift, ...) and a richer .npz",
+    )
     g.add_argument("--k1", default=d["k1"], type=_positive(int), help="re-ranking k1")
     g.add_argument("--k2", default=d["k2"], type=_positive(int), help="re-ranking k2 (query expansion)")
     g.add_argument(
-        "--lambda-value", default=d["lambda_value"], type=float, help="re-ranking weight of the original distance"
+        "--lambda-value", default=d["lambda_value"], type=float, help="re-ranking weight of the original distance (0-1)"
     )
     g.add_argument(
         "--rerank-dense-max",
@@ -174,6 +237,8 @@ def _add_post_args(p, d: dict) -> None:
 POST_KEYS = (
     "rerank",
     "tlift",
+    "tlift_direct",
+    "rerank_input",
     "save_scores",
     "k1",
     "k2",
@@ -189,8 +254,15 @@ POST_KEYS = (
 )
 
 
-def _add_train_args(p, d: dict) -> None:
-    g = p.add_argument_group("training")
+def _add_train_args(p, d: dict, explicit: bool = False) -> None:
+    p.add_argument(
+        "--recipe",
+        default="2.1",
+        choices=["1.0", "1.1", "1.2", "2.0", "2.1", "latest"],
+        help="published recipe: sets every option as that official version's main.py does (see README); "
+        "options given explicitly override it",
+    )
+    g = _group(p, "training", explicit)
     g.add_argument(
         "-d",
         "--dataset",
@@ -211,7 +283,42 @@ def _add_train_args(p, d: dict) -> None:
     g.add_argument("--margin", default=d["margin"], type=_positive(float), help="triplet margin in logit units")
     g.add_argument("--mem-batch-size", default=d["mem_batch_size"], type=_positive(int), help="class-memory chunk")
     g.add_argument(
-        "--sampler", default=d["sampler"], choices=["graph", "pk"], help="graph sampler or PxK random identities"
+        "--mem-mask-invalid",
+        default=d["mem_mask_invalid"],
+        type=_bool,
+        help="class memory: ignore classes never written (v1.1+)",
+    )
+    g.add_argument(
+        "--mem-joint-bn",
+        default=d["mem_joint_bn"],
+        type=_bool,
+        help="class memory: head BNs over all memory chunks at once (v1.0) instead of per chunk",
+    )
+    g.add_argument(
+        "--sampler",
+        default=d["sampler"],
+        choices=["graph", "pk", "shuffle"],
+        help="graph sampler, PxK random identities, or shuffled images (v1.x)",
+    )
+    g.add_argument(
+        "--gs-pre-epochs",
+        default=d["gs_pre_epochs"],
+        type=_positive(int, zero=True),
+        help="graph sampler: first epochs with random PxK batches (v2.0: 1)",
+    )
+    g.add_argument(
+        "--gs-rerank",
+        default=d["gs_rerank"],
+        type=_bool,
+        help="graph sampler: k-reciprocal re-ranked class graph (v2.0)",
+    )
+    g.add_argument(
+        "--gs-save",
+        default=d["gs_save"],
+        type=_bool,
+        nargs="?",
+        const=True,
+        help="graph sampler: save each epoch's class distances and neighbours to OUT_DIR/graph_sampler/gsN.npz",
     )
     g.add_argument("-b", "--batch-size", default=d["batch_size"], type=_positive(int), help="images per batch")
     g.add_argument("--num-instance", default=d["num_instance"], type=_positive(int), help="images per class in a batch")
@@ -225,7 +332,10 @@ def _add_train_args(p, d: dict) -> None:
         type=_positive(float),
         help="backbone learning rate as a multiple of --lr",
     )
-    g.add_argument("--clip", default=d["clip"], type=float, help="gradient-norm clip; <= 0 disables clipping")
+    g.add_argument("--clip", default=d["clip"], type=float, help="gradient-norm clip; 0 disables clipping")
+    g.add_argument(
+        "--amp", default=d["amp"], choices=["auto", "on", "off"], help="mixed precision (auto: on CUDA only)"
+    )
     g.add_argument(
         "--step-factor",
         default=d["step_factor"],
@@ -239,12 +349,37 @@ def _add_train_args(p, d: dict) -> None:
         type=lambda v: v if v == "auto" else _bool(v),
         help="keep backbone BN statistics frozen: true, false, or auto (true with pretrained weights)",
     )
-    g.add_argument("--augment", default=d["augment"], type=_bool, help="official augmentations")
     g.add_argument(
-        "--strict", action="store_true", help="stop at the first unreadable training image instead of skipping it"
+        "--augment",
+        default=d["augment"],
+        type=_augment,
+        help="full (v1.2-v2.x list), flip-occlusion (v1.0/v1.1) or none",
     )
-    g.add_argument("--seed", default=d["seed"], type=int, help="random seed")
     g.add_argument(
+        "--augment-after-acc",
+        default=d["augment_after_acc"],
+        type=float,
+        help="> 0: no augmentation until an epoch's accuracy exceeds this (v1.1/v1.2: 0.6)",
+    )
+    g.add_argument(
+        "--pretrain-trials",
+        default=d["pretrain_trials"],
+        type=_positive(int, zero=True),
+        help="pre-training trials of one epoch, the best kept (v1.1/v1.2: 10)",
+    )
+    g.add_argument(
+        "--pretrain-steps", default=d["pretrain_steps"], type=_positive(int), help="steps per pre-training trial"
+    )
+    g.add_argument(
+        "--strict",
+        default=False,
+        type=_bool,
+        nargs="?",
+        const=True,
+        help="stop at the first unreadable training image instead of skipping it",
+    )
+    g.add_argument("--seed", default=d["seed"], type=_positive(int, zero=True), help="random seed")
+    p.add_argument(
         "--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt with its saved configuration"
     )
 
@@ -270,10 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_args(p)
 
     p = sub.add_parser("train", formatter_class=FORMATTER, help="train a model (QAConv-GS by default)")
-    _add_train_args(p, DEFAULTS)
-    _add_model_args(p, DEFAULTS)
-    _add_run_args(p, DEFAULTS)
-    _add_post_args(p, DEFAULTS)
+    _add_train_args(p, DEFAULTS, explicit=True)
+    _add_model_args(p, DEFAULTS, explicit=True)
+    _add_run_args(p, DEFAULTS, explicit=True)
+    _add_post_args(p, DEFAULTS, explicit=True)
 
     p = sub.add_parser("evaluate", formatter_class=FORMATTER, help="evaluate a trained checkpoint on test sets")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder) written by 'qaconv train'")
@@ -282,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_args(p, DEFAULTS)
     _add_post_args(p, DEFAULTS)
+    p.set_defaults(rerank_input=None)  # the checkpoint's recipe decides
 
     p = sub.add_parser("match", formatter_class=FORMATTER, help="draw which parts of two images matched")
     p.add_argument("image_a", help="probe image")
@@ -382,19 +518,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> None:
-    from .engine.runner import DEFAULTS, train
+    from .engine.config import FIELD_NAMES, resolve_config
+    from .engine.runner import train
 
-    cfg = {k: getattr(args, k) for k in DEFAULTS}
-    if cfg["report"] and cfg["testsets"]:
+    overrides = {k: v for k, v in vars(args).items() if k in FIELD_NAMES and k != "recipe"}
+    cfg = resolve_config(args.recipe, overrides).validate()
+    if cfg.report and cfg.testsets:
         from .report import check_report_dir
 
-        check_report_dir(cfg["report"])  # fail before training
+        check_report_dir(cfg.report)  # fail before training
     train(cfg, resume=args.resume)
 
 
 def _cmd_evaluate(args) -> None:
+    from .engine.config import from_dict
     from .engine.runner import evaluate, load_trained
 
+    if not args.testsets:
+        raise QAConvError("no test sets given: pass --testsets NAME[,NAME...]")
     model, matcher, cfg = load_trained(args.checkpoint, device=args.device)
     cfg.update(
         data_dir=args.data_dir,
@@ -402,10 +543,9 @@ def _cmd_evaluate(args) -> None:
         device=args.device,
         fea_batch=args.fea_batch,
         match_memory=args.match_memory,
-        **{k: getattr(args, k) for k in POST_KEYS},
+        **{k: getattr(args, k) for k in POST_KEYS if getattr(args, k) is not None},
     )
-    if not args.testsets:
-        raise QAConvError("no test sets given: pass --testsets NAME[,NAME...]")
+    cfg = from_dict(cfg, strict=False).validate().to_dict()
     ckpt = Path(args.checkpoint)
     out_dir = args.out_dir or (ckpt if ckpt.is_dir() else ckpt.parent)
     evaluate(model, matcher, cfg, args.testsets, out_dir=out_dir if args.save_scores else None)

@@ -98,6 +98,11 @@ class ClassMemoryLoss(nn.Module):
     class is the target. In training mode the memory is then overwritten with the batch features
     (the last sample of a class in the batch wins) and those classes are marked valid; in eval mode the
     memory is left untouched.
+
+    ``mask_invalid=False`` (v1.0) sums over every class, also those whose memory was never written;
+    ``joint_bn=True`` (v1.0) pools every memory chunk first and runs the matcher's head (its BNs in
+    training mode) once over all classes, instead of once per chunk (v1.2+); it needs a matcher with
+    ``pool`` and ``head`` (:class:`qaconv.models.QAConv`).
     """
 
     def __init__(
@@ -108,8 +113,13 @@ class ClassMemoryLoss(nn.Module):
         height: int,
         width: int,
         mem_batch_size: int = 16,
+        mask_invalid: bool = True,
+        joint_bn: bool = False,
     ):
         super().__init__()
+        if joint_bn and not (hasattr(matcher, "pool") and hasattr(matcher, "head")):
+            raise ValueError("joint_bn needs a QAConv matcher (with pool and head)")
+        self.mask_invalid, self.joint_bn = bool(mask_invalid), bool(joint_bn)
         if num_classes < 1 or mem_batch_size < 1:
             raise ValueError(
                 f"num_classes and mem_batch_size must be >= 1, got {num_classes} and {mem_batch_size}"
@@ -139,15 +149,17 @@ class ClassMemoryLoss(nn.Module):
         for start in range(0, self.num_classes, self.mem_batch_size):
             # a copy, so the in-place memory update below cannot touch tensors saved for backward
             memory = self.class_memory[start : start + self.mem_batch_size].detach().clone()
-            chunks.append(self.matcher(features, memory))
-        scores = torch.cat(chunks, dim=1)
+            chunks.append(self.matcher.pool(features, memory) if self.joint_bn else self.matcher(features, memory))
+        scores = self.matcher.head(torch.cat(chunks, dim=1)) if self.joint_bn else torch.cat(chunks, dim=1)
 
         one_hot = F.one_hot(targets, self.num_classes).to(scores.dtype)
         bce = F.binary_cross_entropy_with_logits(scores, one_hot, reduction="none")
         prob = torch.sigmoid(scores)
         weight = torch.where(one_hot.bool(), 1.0 - prob, prob).pow(2)
-        valid = self.valid_class.to(scores.dtype, copy=True)  # a copy: saved for backward, updated below
-        loss = (bce * weight * valid).sum(dim=1)
+        loss = bce * weight
+        if self.mask_invalid:
+            loss = loss * self.valid_class.to(scores.dtype, copy=True)  # a copy: saved for backward, updated below
+        loss = loss.sum(dim=1)
         with torch.no_grad():
             acc = (scores.argmax(dim=1) == targets).to(scores.dtype)
         if self.training:
@@ -166,7 +178,10 @@ class ClassMemoryLoss(nn.Module):
         self.valid_class[classes] = 1.0
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, mem_batch_size={self.mem_batch_size}"
+        return (
+            f"num_classes={self.num_classes}, mem_batch_size={self.mem_batch_size}, "
+            f"mask_invalid={self.mask_invalid}, joint_bn={self.joint_bn}"
+        )
 
 
 def finite_mean(loss: Tensor, acc: Tensor) -> tuple[Tensor | None, Tensor | None, int]:

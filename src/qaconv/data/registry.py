@@ -75,3 +75,29 @@ def load_dataset(name: str, data_dir: str | Path = "data", combine_all: bool = F
         f"dataset '{name}' not found: looked for {Path(data_dir) / name} and {Path(name)}; use a benchmark "
         f"({', '.join(BENCHMARK_NAMES)}), synth_A/synth_B/synth_C, a CSV manifest, or a folder in Market-1501 layout"
     )
+
+
+def check_dataset(name: str, data_dir: str | Path = "data", combine_all: bool = False) -> None:
+    """Raise the one-line error :func:`load_dataset` would give for a name that cannot be found, without
+    loading anything big or generating synthetic data (benchmarks: their folder must exist)."""
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    if not names:
+        raise QAConvError("no dataset name given")
+    for n in names:
+        m = SYNTH_NAME.match(n)
+        if m:
+            from .synth import DOMAINS
+
+            if m.group(1).upper() not in DOMAINS:
+                known = ", ".join(sorted(DOMAINS))
+                raise QAConvError(f"unknown synthetic domain '{m.group(1).upper()}': choose from {known}")
+            continue
+        if _is_benchmark(n):
+            load_benchmark(n, data_dir, combine_all=combine_all)  # reads its file lists: fails fast if absent
+            continue
+        if combine_all:
+            raise QAConvError(f"--combine-all is only defined for msmt17, not for '{n}'")
+        if not any(
+            (c.is_file() and c.suffix.lower() == ".csv") or c.is_dir() for c in (Path(data_dir) / n, Path(n))
+        ):
+            load_dataset(n, data_dir)  # raises the not-found message

@@ -14,52 +14,18 @@ from ..losses import ClassMemoryLoss, PairwiseMatchingLoss, TripletLoss
 from ..matching import pick_device
 from ..models import build_backbone, build_matcher
 from .checkpoint import load_checkpoint
+from .config import TrainConfig, from_dict
 from .distributed import init_from_env, is_main, main_first
-from .evaluator import POST_DEFAULTS, check_post_options, evaluate
+from .evaluator import POST_DEFAULTS, evaluate
 from .trainer import CHECKPOINT, Trainer, append_jsonl
 
-# Official QAConv-GS (HEAD) defaults, except the data: the embedded synthetic domains.
-DEFAULTS: dict = {
-    "dataset": "synth_A",
-    "combine_all": False,
-    "testsets": "synth_B",
-    "data_dir": "data",
-    "out_dir": "runs/qaconv",
-    "arch": "resnet50",
-    "final_layer": "layer3",
-    "ibn": "b",
-    "neck": 128,
-    "input_norm": "imagenet",
-    "pretrained": "imagenet",
-    "backbone_weights": None,
-    "height": 384,
-    "width": 128,
-    "matcher": "qaconv",
-    "qaconv_version": "2.1",
-    "loss": "triplet",
-    "margin": 16.0,
-    "mem_batch_size": 16,
-    "sampler": "graph",
-    "batch_size": 64,
-    "num_instance": 2,
-    "lr": 0.005,
-    "weight_decay": 5e-4,
-    "backbone_lr_mult": 0.1,
-    "clip": 8.0,
-    "step_factor": 0.7,
-    "max_epochs": 60,
-    "freeze_backbone_bn": "auto",
-    "augment": True,
-    "strict": False,
-    "workers": 2,
-    "seed": 0,
-    "device": None,
-    "fea_batch": 128,
-    "match_memory": 256,
-    **POST_DEFAULTS,
-}
+# The 2.1 recipe (official QAConv-GS) with the embedded synthetic data, as a plain dict.
+DEFAULTS: dict = TrainConfig().to_dict()
 
-MODEL_KEYS = ("arch", "final_layer", "ibn", "neck", "input_norm", "height", "width", "matcher", "qaconv_version")
+MODEL_KEYS = (
+    "arch", "final_layer", "ibn", "neck", "neck_bn", "input_norm", "height", "width", "matcher", "qaconv_version",
+)  # fmt: skip
+RUNTIME_KEYS = ("workers", "device", "testsets", "data_dir", "strict", *POST_DEFAULTS)  # not part of the training state
 
 
 class InBatchLoss(torch.nn.Module):
@@ -91,6 +57,7 @@ def build_model(cfg: dict, load_weights: bool = True) -> tuple[torch.nn.Module, 
         pretrained=pretrained if load_weights else None,
         weights_path=weights if load_weights else None,
         input_norm=cfg["input_norm"],
+        neck_bn=bool(cfg.get("neck_bn", False)),
     )
     h, w = model.feature_size(cfg["height"], cfg["width"])
     matcher = build_matcher(cfg["matcher"], model.out_channels, h, w, version=cfg["qaconv_version"])
@@ -104,7 +71,16 @@ def build_criterion(cfg: dict, model, matcher, num_classes: int) -> torch.nn.Mod
         return InBatchLoss(matcher, PairwiseMatchingLoss())
     if cfg["loss"] == "memory":
         h, w = model.feature_size(cfg["height"], cfg["width"])
-        return ClassMemoryLoss(matcher, num_classes, model.out_channels, h, w, cfg["mem_batch_size"])
+        return ClassMemoryLoss(
+            matcher,
+            num_classes,
+            model.out_channels,
+            h,
+            w,
+            cfg["mem_batch_size"],
+            mask_invalid=cfg.get("mem_mask_invalid", True),
+            joint_bn=cfg.get("mem_joint_bn", False),
+        )
     raise QAConvError(f"unknown loss '{cfg['loss']}': choose triplet, pairwise or memory")
 
 
@@ -115,11 +91,17 @@ def _freeze_bn(cfg: dict) -> bool:
     return bool(value)
 
 
-def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=None) -> dict:
-    """Train per ``cfg`` into ``cfg['out_dir']`` and evaluate on its test sets; returns a summary.
+def _amp(value: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[value]
+
+
+def train(cfg: TrainConfig | dict, resume: bool = False, progress: bool = True, on_epoch_end=None) -> dict:
+    """Train per ``cfg`` (a :class:`TrainConfig`, or a dict of its fields) into its ``out_dir`` and evaluate on
+    its test sets; returns a summary. The configuration is validated as a whole (test sets included) first.
 
     Under torchrun (``WORLD_SIZE`` > 1) every process joins the group and trains its share (DDP)."""
-    check_post_options(cfg)
+    config = cfg if isinstance(cfg, TrainConfig) else from_dict(cfg)
+    cfg = config.validate(check_datasets=True).to_dict()
     init_from_env(cfg.get("device"))
     progress = progress and is_main()
     out = Path(cfg["out_dir"])
@@ -130,12 +112,11 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
             raise QAConvError(
                 f"{out / CHECKPOINT} holds no training state ({how}): --resume continues a 'qaconv train' run"
             )
-        saved = state["config"]
-        changed = {k: v for k, v in cfg.items() if k in saved and saved[k] != v and k in MODEL_KEYS}
+        saved = from_dict(state["config"], strict=False).to_dict()  # the saved recipe and every resolved value
+        changed = {k: v for k, v in cfg.items() if saved[k] != v and k in MODEL_KEYS}
         if changed and progress:
             print(f"resuming with the saved configuration; ignoring changed options {sorted(changed)}")
-        runtime = ("workers", "device", "testsets", "data_dir", *POST_DEFAULTS)  # not part of the training state
-        cfg = {**DEFAULTS, **saved, **{k: cfg[k] for k in runtime if k in cfg}}
+        cfg = from_dict({**saved, **{k: cfg[k] for k in RUNTIME_KEYS}}).validate().to_dict()
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -159,6 +140,9 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
         batch_size=cfg["batch_size"],
         num_instance=cfg["num_instance"],
         sampler=cfg["sampler"],
+        gs_pre_epochs=cfg["gs_pre_epochs"],
+        gs_rerank=cfg["gs_rerank"],
+        gs_save_dir=out / "graph_sampler" if cfg["gs_save"] else None,
         lr=cfg["lr"],
         weight_decay=cfg["weight_decay"],
         backbone_lr_mult=cfg["backbone_lr_mult"],
@@ -167,7 +151,11 @@ def train(cfg: dict, resume: bool = False, progress: bool = True, on_epoch_end=N
         max_epochs=cfg["max_epochs"],
         freeze_backbone_bn=_freeze_bn(cfg),
         augment=cfg["augment"],
-        strict=cfg.get("strict", False),
+        augment_after_acc=cfg["augment_after_acc"],
+        pretrain_trials=cfg["pretrain_trials"],
+        pretrain_steps=cfg["pretrain_steps"],
+        amp=_amp(cfg["amp"]),
+        strict=cfg["strict"],
         workers=cfg["workers"],
         device=cfg["device"],
         seed=cfg["seed"],
@@ -201,7 +189,7 @@ def load_trained(path: str | Path, device=None) -> tuple[torch.nn.Module, torch.
     state = load_checkpoint(path)
     if any(k not in state for k in ("config", "model", "matcher")):
         raise QAConvError(f"{path} holds no trained model (expected a checkpoint from 'qaconv train')")
-    cfg = {**DEFAULTS, **state["config"]}
+    cfg = from_dict(state["config"], strict=False).to_dict()
     model, matcher = build_model(cfg, load_weights=False)
     try:
         model.load_state_dict(state["model"])

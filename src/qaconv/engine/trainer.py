@@ -1,11 +1,14 @@
-"""The training loop: SGD-Nesterov, frozen backbone BN, AMP on CUDA, clipping, adaptive schedule,
-per-epoch atomic checkpoints, exact resume and a metrics.jsonl log."""
+"""The training loop: SGD-Nesterov, frozen backbone BN, AMP on CUDA, clipping, adaptive or step schedule,
+accuracy-triggered augmentation and pre-training trials (v1.1/v1.2), per-epoch atomic checkpoints, exact
+resume and a metrics.jsonl log."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,16 +18,44 @@ from tqdm.auto import tqdm
 
 from ..data.images import ImageDataset, collate_skip_bad, scan_images
 from ..data.records import Record
-from ..data.samplers import GraphSampler, RandomIdentitySampler
+from ..data.samplers import GraphSampler, RandomIdentitySampler, ShuffledBatchSampler, sigmoid_distance
 from ..data.transforms import eval_transform, train_transform
 from ..errors import QAConvError
 from ..losses import finite_mean
 from ..matching import pick_device
+from ..models.qaconv import QAConv
 from . import distributed as ddp
 from .checkpoint import load_checkpoint, save_checkpoint
 from .schedule import EpochSchedule
 
 CHECKPOINT = "checkpoint.pt"
+AUGMENTS = ("full", "flip-occlusion", "none")
+
+
+def make_transform(augment: str, height: int, width: int):
+    """``full``: the v1.2-v2.x list (pad + crop, flip, rotation, colour jitter, occlusion); ``flip-occlusion``:
+    v1.0/v1.1 (flip, resize, white-square occlusion); ``none``: the test transform."""
+    if augment == "full":
+        return train_transform(height, width)
+    if augment == "flip-occlusion":  # the official flip comes before the resize; the two commute
+        return train_transform(height, width, pad=0, rotation=0, jitter=False)
+    if augment == "none":
+        return eval_transform(height, width)
+    raise ValueError(f"unknown augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
+
+
+def reset_criterion(criterion: torch.nn.Module) -> None:
+    """Fresh parameters and statistics of the matcher head, and an empty class memory (pre-training trials)."""
+    heads = [m for m in criterion.modules() if isinstance(m, QAConv)]
+    inside = {id(c) for h in heads for c in h.modules()}
+    for m in criterion.modules():
+        if isinstance(m, QAConv):
+            m.reset_parameters()
+        elif id(m) not in inside and m is not criterion and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        for name in ("class_memory", "valid_class"):
+            if isinstance(getattr(m, name, None), torch.Tensor):
+                getattr(m, name).zero_()
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
@@ -86,6 +117,9 @@ class Trainer:
         batch_size: int = 64,
         num_instance: int = 2,
         sampler: str = "graph",
+        gs_pre_epochs: int = 0,
+        gs_rerank: bool = False,
+        gs_save_dir: str | Path | None = None,
         lr: float = 0.005,
         weight_decay: float = 5e-4,
         backbone_lr_mult: float = 0.1,
@@ -93,7 +127,10 @@ class Trainer:
         step_factor: float = 0.7,
         max_epochs: int = 60,
         freeze_backbone_bn: bool = True,
-        augment: bool = True,
+        augment: str | bool = "full",
+        augment_after_acc: float = 0.0,
+        pretrain_trials: int = 0,
+        pretrain_steps: int = 2000,
         strict: bool = False,
         amp: bool | None = None,
         workers: int = 0,
@@ -123,20 +160,28 @@ class Trainer:
         self.extra_state = extra_state or {}
         labels = [r.pid for r in self.records]
         if sampler == "graph":
-            self.sampler = GraphSampler(labels, batch_size, num_instance, self._class_distances, seed=seed)
+            gs = dict(pre_epochs=gs_pre_epochs, rerank=gs_rerank, save_dir=gs_save_dir if self.rank == 0 else None)
+            self.sampler = GraphSampler(labels, batch_size, num_instance, self._class_distances, seed=seed, **gs)
+            smallest = min(batch_size, len(self.sampler.classes) * num_instance)
         elif sampler == "pk":
             self.sampler = RandomIdentitySampler(labels, batch_size, num_instance, seed=seed)
+            smallest = min(batch_size, len(self.sampler.classes) * num_instance)
+        elif sampler == "shuffle":  # v1.x: DataLoader(shuffle=True, drop_last=True)
+            self.sampler = ShuffledBatchSampler(len(self.records), batch_size, seed=seed)
+            smallest, num_instance = batch_size, 1
         else:
-            raise ValueError(f"unknown sampler '{sampler}': choose graph or pk")
-        smallest = min(batch_size, len(self.sampler.classes) * num_instance)
+            raise ValueError(f"unknown sampler '{sampler}': choose graph, pk or shuffle")
         if smallest < self.world:
             raise QAConvError(f"a batch of {smallest} images cannot be split over {self.world} processes")
         self.num_instance = num_instance
-        transform = train_transform(height, width) if augment else eval_transform(height, width)
+        self.augment = ("full" if augment else "none") if isinstance(augment, bool) else augment
+        self.augment_after_acc = float(augment_after_acc)
+        self.augment_on = self.augment != "none" and self.augment_after_acc <= 0
+        self.pretrain_trials, self.pretrain_steps = int(pretrain_trials), int(pretrain_steps)
         self.strict = strict
-        self.dataset = ImageDataset(self.records, transform, skip_bad=not strict)
+        self.dataset = ImageDataset(self.records, self._transform(), skip_bad=not strict)
         self.optimizer = make_optimizer(model, criterion, lr, weight_decay, backbone_lr_mult)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)  # renewed every epoch, as official
         self.schedule = EpochSchedule(step_factor=step_factor, max_epochs=max_epochs)
         self.epoch = 0
         self._train_model = ddp.wrap_ddp(self.model, self.device)
@@ -145,7 +190,8 @@ class Trainer:
 
     # -- graph sampler support -------------------------------------------------------------
     def _class_distances(self, rep_indices: np.ndarray) -> np.ndarray:
-        """QAConv distances (-logit) between one representative image per class."""
+        """QAConv distances between one representative image per class (-logit; 1 - sigmoid(logit / 10) when
+        the graph is re-ranked, as v2.0)."""
         reps = [self.records[i] for i in rep_indices]
         feats = ddp.extract_features_sharded(
             self.model,
@@ -158,7 +204,12 @@ class Trainer:
             progress=False,
         )
         scores = ddp.pairwise_scores_sharded(self.matcher, feats, feats, self.eval_batch, self.eval_batch, self.device)
+        if self.sampler.rerank:  # v2.0 re-ranks 1 - sigmoid(logit / 10); v2.1 takes neighbours by -logit
+            return sigmoid_distance(scores.numpy())
         return (-scores).numpy()
+
+    def _transform(self):
+        return make_transform(self.augment if self.augment_on else "none", self.height, self.width)
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -168,8 +219,8 @@ class Trainer:
             "matcher": self.matcher.state_dict(),
             "criterion": self.criterion.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "augment_on": self.augment_on,
             "sampler": self.sampler.state_dict(),
             **self.extra_state,
         }
@@ -183,8 +234,9 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise QAConvError(f"checkpoint does not fit this model and training setup: {first}") from None
-        self.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"])
+        self.augment_on = bool(state.get("augment_on", self.augment_on))
+        self.dataset.transform = self._transform()
         self.sampler.load_state_dict(state["sampler"])
         self.epoch = int(state["epoch"])
 
@@ -213,13 +265,12 @@ class Trainer:
         self.scaler.update()
         return float(loss.detach()), float(acc)
 
-    def train_epoch(self, epoch: int) -> dict:
-        """One epoch (1-based ``epoch``); returns its summary row."""
-        torch.manual_seed(self.seed * 100003 + epoch + 7919 * self.rank)  # augmentation differs per rank
-        self.sampler.set_epoch(epoch)
-        batches = self.sampler
+    def _run_batches(self, sampler, desc: str, max_steps: int | None = None):
+        """Train on the batches of ``sampler`` (at most ``max_steps``): losses, accuracies, skipped batches,
+        images seen and unreadable images dropped. A new GradScaler each call, as the official trainer."""
+        batches = sampler
         if self.world > 1:  # the same global batches on every rank, each rank loads its slice
-            batches = ddp.ShardedBatchSampler(self.sampler, self.rank, self.world, self.num_instance)
+            batches = ddp.ShardedBatchSampler(sampler, self.rank, self.world, self.num_instance)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=batches,
@@ -227,10 +278,13 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             collate_fn=None if self.strict else collate_skip_bad,
         )
-        start = time.perf_counter()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        total = len(sampler) if max_steps is None else min(len(sampler), max_steps)
         losses, accs, skipped, seen, bad = [], [], 0, 0, 0
-        bar = tqdm(total=len(self.sampler), desc=f"epoch {epoch}", disable=not self.progress, leave=False)
-        for images, targets, *rest in loader:
+        bar = tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+        for step, (images, targets, *rest) in enumerate(loader):
+            if step >= total:
+                break
             bad += int(rest[2]) if len(rest) == 3 else 0  # unreadable images dropped from this batch
             if images.dim() != 4:  # every image of this slice was unreadable
                 images = torch.empty(0, 3, self.height, self.width)
@@ -250,6 +304,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{np.mean(accs[-20:]):.2f}")
             bar.update(1)
         bar.close()
+        return losses, accs, skipped, seen, bad
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One epoch (1-based ``epoch``); returns its summary row."""
+        torch.manual_seed(self.seed * 100003 + epoch + 7919 * self.rank)  # augmentation differs per rank
+        self.sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        losses, accs, skipped, seen, bad = self._run_batches(self.sampler, f"epoch {epoch}")
         if not losses:
             raise QAConvError(
                 f"every batch of epoch {epoch} had a non-finite loss ({skipped} skipped); "
@@ -270,7 +332,44 @@ class Trainer:
             "bad_images": bad,
             "images_per_s": seen / elapsed,
             "time_s": elapsed,
+            "augmented": self.augment_on,
         }
+
+    def pretrain(self) -> dict:
+        """v1.1/v1.2 pre-training: ``pretrain_trials`` trials of at most ``pretrain_steps`` steps of one epoch
+        without augmentation, each from the initial backbone weights with a fresh neck, matcher head, class
+        memory and optimizer state; the trial with the best 100 * accuracy - loss is kept."""
+        base0 = copy.deepcopy(self.model.base.state_dict())
+        transform, self.dataset.transform = self.dataset.transform, eval_transform(self.height, self.width)
+        best, rows = None, []
+        for trial in range(self.pretrain_trials):
+            torch.manual_seed(self.seed * 100003 - 1 - trial + 7919 * self.rank)
+            order = ShuffledBatchSampler(len(self.records), self.sampler_batch_size(), seed=self.seed)
+            order.set_epoch(10_000 + trial)  # data orders of their own, apart from the epochs'
+            losses, accs, *_ = self._run_batches(order, f"pre-training trial {trial + 1}", self.pretrain_steps)
+            if not losses:
+                raise QAConvError(f"pre-training trial {trial + 1}: every loss was non-finite; try a lower --lr")
+            loss, acc = ddp.all_reduce_mean([np.mean(losses), np.mean(accs)])
+            metric = 100 * acc - loss
+            rows.append({"trial": trial + 1, "loss": loss, "acc": acc, "metric": metric})
+            if self.progress:
+                print(f"pre-training trial {trial + 1}/{self.pretrain_trials}: loss {loss:.4f} acc {acc:.3f}")
+            if best is None or metric > best[0]:
+                states = (copy.deepcopy(m.state_dict()) for m in (self.model, self.criterion, self.optimizer))
+                best = (metric, trial, *states)
+            if trial < self.pretrain_trials - 1:
+                self.model.base.load_state_dict(base0)
+                self.model.reset_neck()
+                reset_criterion(self.criterion)
+                self.optimizer.state = defaultdict(dict)
+        self.model.load_state_dict(best[2])
+        self.criterion.load_state_dict(best[3])
+        self.optimizer.load_state_dict(best[4])
+        self.dataset.transform = transform
+        return {"type": "pretrain", "trials": rows, "best_trial": best[1] + 1}
+
+    def sampler_batch_size(self) -> int:
+        return int(getattr(self.sampler, "batch_size", 1))
 
     def fit(self, resume: bool = False, on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
         """Train until the schedule stops; with ``resume`` continue from ``out_dir``'s checkpoint."""
@@ -293,6 +392,10 @@ class Trainer:
                 },
             )
         rows = []
+        if self.pretrain_trials > 0 and self.epoch == 0:
+            summary = self.pretrain()
+            if self.rank == 0:
+                append_jsonl(self.out_dir / "metrics.jsonl", summary)
         while not self.schedule.done(self.epoch):
             epoch = self.epoch + 1
             row = self.train_epoch(epoch)
@@ -304,6 +407,8 @@ class Trainer:
                 row["lr_decayed"] = True
             row["final_epochs"] = self.schedule.final_epochs
             self.epoch = epoch
+            if self._switch_augmentation(row["acc"]):
+                row["augmentation_starts"] = True
             ddp.broadcast_buffers(self.model, self.matcher)  # BN statistics of rank 0 everywhere
             if self.rank == 0:
                 save_checkpoint(self.state_dict(), ckpt_path)
@@ -321,3 +426,16 @@ class Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
         return rows
+
+    def _switch_augmentation(self, acc: float) -> bool:
+        """v1.1/v1.2: augmentation starts after the first epoch whose accuracy exceeds ``augment_after_acc``
+        (not after the last epoch)."""
+        if self.augment_on or self.augment == "none" or self.augment_after_acc <= 0:
+            return False
+        if self.schedule.done(self.epoch) or acc <= self.augment_after_acc:
+            return False
+        self.augment_on = True
+        self.dataset.transform = self._transform()
+        if self.progress:
+            print(f"accuracy {acc:.3f} > {self.augment_after_acc}: augmentation ({self.augment}) from the next epoch")
+        return True

@@ -24,7 +24,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class FeatureMapNet(nn.Module):
     """RGB images in [0, 1] ``[B, 3, H, W]`` -> unit-norm-per-location feature maps ``[B, C, h, w]``.
 
-    ``base`` is the truncated backbone (trained at 0.1x lr), ``neck`` the 3x3 conv (v1: conv + BatchNorm2d; or Identity),
+    ``base`` is the truncated backbone (trained at 0.1x lr), ``neck`` the 3x3 conv (v1: + BatchNorm2d; or Identity),
     ``config`` the architecture arguments of :func:`build_backbone` (``build_backbone(**config)``
     rebuilds the same architecture with fresh weights).
     """

@@ -1,0 +1,156 @@
+"""Published recipes: each resolves to the values of its official main.py, explicit options win, the
+configuration is validated as a whole up front, and a few steps of every recipe run (and resume)."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from qaconv.cli import main
+from qaconv.engine.config import TrainConfig, resolve_config
+from qaconv.errors import QAConvError
+from qaconv.recipes import RECIPE_KEYS, RECIPES, load_recipe
+
+# Facts read from the official code (main.py / main_gs.py argparse defaults, resmap.py, trainers*.py) of
+# each tag; written out here by hand, independently of the YAML files.
+OFFICIAL = {
+    "1.0": dict(ibn=None, neck=128, neck_bn=True, qaconv_version="1", loss="memory", sampler="shuffle",
+                batch_size=32, lr=0.01, step_factor=40, max_epochs=60, clip=0.0, amp="off",
+                freeze_backbone_bn=False, augment="flip-occlusion", augment_after_acc=0.0, pretrain_trials=0,
+                mem_mask_invalid=False, mem_joint_bn=True, rerank_input="sigmoid"),
+    "1.1": dict(ibn=None, neck=64, neck_bn=True, qaconv_version="1", loss="memory", sampler="shuffle",
+                batch_size=8, lr=0.005, step_factor=10, max_epochs=15, clip=0.0, amp="off",
+                freeze_backbone_bn=False, augment="flip-occlusion", augment_after_acc=0.6, pretrain_trials=10,
+                pretrain_steps=2000, mem_mask_invalid=True, mem_joint_bn=False, rerank_input="sigmoid"),
+    "1.2": dict(ibn=None, neck=64, neck_bn=True, qaconv_version="1", loss="memory", sampler="shuffle",
+                batch_size=8, lr=0.005, step_factor=10, max_epochs=15, clip=0.0, amp="off",
+                freeze_backbone_bn=False, augment="full", augment_after_acc=0.6, pretrain_trials=10,
+                pretrain_steps=2000, mem_mask_invalid=True, mem_joint_bn=False, rerank_input="sigmoid"),
+    "2.0": dict(ibn="b", neck=64, neck_bn=True, qaconv_version="1", loss="pairwise", sampler="graph",
+                batch_size=64, num_instance=4, gs_pre_epochs=1, gs_rerank=True, lr=0.001, step_factor=10,
+                max_epochs=15, clip=512.0, amp="off", freeze_backbone_bn=False, augment="full",
+                augment_after_acc=0.0, pretrain_trials=0, rerank_input="sigmoid"),
+    "2.1": dict(ibn="b", neck=128, neck_bn=False, qaconv_version="2.1", loss="triplet", margin=16.0,
+                sampler="graph", batch_size=64, num_instance=2, gs_pre_epochs=0, gs_rerank=False, lr=0.005,
+                step_factor=0.7, max_epochs=60, clip=8.0, amp="auto", augment="full", augment_after_acc=0.0,
+                pretrain_trials=0, rerank_input="sigmoid"),
+    "latest": dict(ibn="b", neck=128, neck_bn=False, qaconv_version="2.1", loss="triplet", sampler="graph",
+                   batch_size=64, num_instance=2, lr=0.005, step_factor=0.7, max_epochs=60, clip=8.0,
+                   rerank_input="logit"),
+}  # fmt: skip
+COMMON = dict(arch="resnet50", final_layer="layer3", input_norm="none", pretrained="imagenet", height=384,
+              width=128, weight_decay=5e-4, backbone_lr_mult=0.1, matcher="qaconv")  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_resolves_to_the_official_values(recipe):
+    cfg = resolve_config(recipe).validate()
+    for key, value in {**COMMON, **OFFICIAL[recipe]}.items():
+        assert getattr(cfg, key) == value, (recipe, key)
+    assert cfg.recipe == recipe
+    assert set(load_recipe(recipe)) == set(RECIPE_KEYS)
+
+
+def test_default_config_is_the_2_1_recipe():
+    default = TrainConfig()
+    assert {k: getattr(default, k) for k in RECIPE_KEYS} == load_recipe("2.1")
+
+
+def test_explicit_options_override_the_recipe_and_unknown_recipes_fail():
+    cfg = resolve_config("1.0", {"lr": 0.005, "batch_size": 16})
+    assert (cfg.lr, cfg.batch_size, cfg.loss) == (0.005, 16, "memory")
+    with pytest.raises(QAConvError, match="unknown recipe"):
+        resolve_config("3.0")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"lr": float("inf")}, "lr must be a finite number"),
+        ({"lr": 1e6}, "lr must be > 0 and <= 10"),
+        ({"neck": -5}, "neck must be >= 0"),
+        ({"lambda_value": 7.0}, "lambda_value must be >= 0 and <= 1"),
+        ({"alpha": -1e9}, "alpha must be >= 0"),
+        ({"tau": float("nan")}, "tau must be a finite number"),
+        ({"workers": -3}, "workers must be >= 0"),
+        ({"augment": "sometimes"}, "augment = 'sometimes' is not one of"),
+        ({"batch_size": 10, "num_instance": 4}, "must be a multiple of num_instance"),
+        ({"gs_rerank": True, "sampler": "shuffle"}, "need sampler = graph"),
+    ],
+)
+def test_validation_names_the_field(override, message):
+    with pytest.raises(QAConvError, match=message):
+        resolve_config("2.1", override).validate()
+
+
+def test_unknown_test_set_is_found_before_training(tiny_domain, tmp_path, capsys):
+    rc = main(["train", "--dataset", str(tiny_domain), "--testsets", "synth_B,no_such_set", "--data-dir",
+               str(tiny_domain.parent), "-o", str(tmp_path / "run"), "--arch", "resnet18", "--ibn", "none",
+               "--pretrained", "none"])  # fmt: skip
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "no_such_set" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing was trained or written
+
+
+TINY = ["--arch", "resnet18", "--ibn", "none", "--pretrained", "none", "--height", "64", "--width", "32",
+        "--workers", "0", "--device", "cpu", "--fea-batch", "16", "--match-memory", "1", "--testsets", ""]  # fmt: skip
+# per recipe: options that keep its own character but make a few steps on 8 identities cheap
+SMALL = {
+    "1.0": ["--batch-size", "8", "--max-epochs", "2", "--step-factor", "1", "--neck", "16"],
+    "1.1": ["--batch-size", "8", "--max-epochs", "2", "--step-factor", "1", "--neck", "16", "--pretrain-trials",
+            "2", "--pretrain-steps", "2", "--augment-after-acc", "0.01"],
+    "1.2": ["--batch-size", "8", "--max-epochs", "2", "--step-factor", "1", "--neck", "16", "--pretrain-trials",
+            "2", "--pretrain-steps", "2", "--augment-after-acc", "0.01"],
+    "2.0": ["--batch-size", "8", "--max-epochs", "2", "--step-factor", "1", "--neck", "16"],
+    "2.1": ["--batch-size", "8", "--max-epochs", "2", "--neck", "16", "--margin", "2"],
+    "latest": ["--batch-size", "8", "--max-epochs", "1", "--neck", "16", "--margin", "2"],
+}  # fmt: skip
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_few_steps_of_every_recipe(recipe, tiny_domain, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--recipe", recipe, "--dataset", str(tiny_domain), "--data-dir", str(tiny_domain.parent),
+            "-o", str(run), *TINY, *SMALL[recipe]]  # fmt: skip
+    assert main(args) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["recipe"] == recipe
+    expected = resolve_config(recipe).to_dict()
+    for key in ("loss", "sampler", "qaconv_version", "neck_bn", "clip", "amp", "lr", "gs_rerank", "rerank_input"):
+        assert saved[key] == expected[key], key
+    epochs = [r for r in _rows(run) if r["type"] == "epoch"]
+    assert epochs and all(math.isfinite(r["loss"]) for r in epochs)
+    if recipe in ("1.1", "1.2"):
+        pre = [r for r in _rows(run) if r["type"] == "pretrain"]
+        assert len(pre) == 1 and len(pre[0]["trials"]) == 2
+        assert not epochs[0]["augmented"]  # no augmentation until the accuracy threshold is passed
+    if recipe in ("1.0", "2.0", "2.1"):
+        assert epochs[0]["augmented"]
+
+
+def test_resume_keeps_the_recipe(tiny_domain, tmp_path):
+    from qaconv.engine.runner import train
+
+    run = tmp_path / "run"
+    cfg = resolve_config("2.0", dict(dataset=str(tiny_domain), data_dir=str(tiny_domain.parent), out_dir=str(run),
+                                     arch="resnet18", ibn=None, pretrained=None, height=64, width=32, workers=0,
+                                     device="cpu", fea_batch=16, match_memory=1, testsets="", batch_size=8,
+                                     step_factor=1, neck=16, max_epochs=2))  # fmt: skip
+
+    def stop(epoch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, on_epoch_end=stop)
+    # resumed with the default recipe on the command line: the saved 2.0 recipe still holds
+    assert main(["train", "-o", str(run), "--resume", *TINY]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["recipe"], saved["loss"], saved["gs_rerank"], saved["lr"]) == ("2.0", "pairwise", True, 0.001)
+    assert [r["epoch"] for r in _rows(run) if r["type"] == "epoch"] == [1, 2]
