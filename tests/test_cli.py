@@ -193,7 +193,12 @@ def test_match_command_draws_picture(tiny_domain, tmp_path, capsys):
     out = tmp_path / "m.png"
     capsys.readouterr()
     assert main(["match", str(images[0]), str(images[1]), "--checkpoint", str(run), "-o", str(out), "--top", "5"]) == 0
-    assert "QAConv score" in capsys.readouterr().out and out.stat().st_size > 10_000
+    assert "QAConv logit" in capsys.readouterr().out and out.stat().st_size > 10_000
+    official = tmp_path / "o.png"
+    argv = ["match", str(images[0]), str(images[1]), "--checkpoint", str(run), "-o", str(official), "--semantics",
+            "official", "--threshold", "0.0025"]  # fmt: skip
+    assert main(argv) == 0
+    assert "QAConv sigmoid(logit/10) 0." in capsys.readouterr().out and official.stat().st_size > 10_000
 
 
 def test_evaluate_two_stage(tiny_domain, tmp_path, capsys):

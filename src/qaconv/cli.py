@@ -425,7 +425,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder) written by 'qaconv train'")
     p.add_argument("-o", "--out", default="match.png", help="output PNG")
     p.add_argument("--top", default=20, type=_positive(int), help="lines for the strongest correspondences")
-    p.add_argument("--threshold", default=None, type=float, help="draw every correspondence above this similarity")
+    p.add_argument(
+        "--threshold",
+        default=None,
+        type=float,
+        help="draw every correspondence above this value (the cosine; the contribution under --semantics official, "
+        "where the official demo.m's 0.5 is 0.0025)",
+    )
+    p.add_argument(
+        "--semantics",
+        default="default",
+        choices=["default", "official"],
+        help="default: probe = kernel side, lines ranked by cosine x fc weight, title shows the logit; official: as "
+        "the official matching/qaconv_match.py (gallery = kernel side, fc weight x bn(cosine)), sigmoid(logit/10)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
 
     p = sub.add_parser("index", formatter_class=FORMATTER, help="extract and save the feature maps of a gallery folder")
@@ -556,8 +569,11 @@ def _cmd_match(args) -> None:
     from .viz.match import match_images
 
     extractor = FeatureExtractor(args.checkpoint, device=args.device)
-    score, path = match_images(extractor, args.image_a, args.image_b, args.out, top=args.top, threshold=args.threshold)
-    print(f"QAConv score {score:.3f}; wrote {path}")
+    score, path = match_images(
+        extractor, args.image_a, args.image_b, args.out, top=args.top, threshold=args.threshold, semantics=args.semantics
+    )
+    name = "logit" if args.semantics == "default" else "sigmoid(logit/10)"
+    print(f"QAConv {name} {score:.3f}; wrote {path}")
 
 
 def _cmd_index(args) -> None:
