@@ -570,8 +570,9 @@ def _cmd_match(args) -> None:
 
     extractor = FeatureExtractor(args.checkpoint, device=args.device)
     score, path = match_images(
-        extractor, args.image_a, args.image_b, args.out, top=args.top, threshold=args.threshold, semantics=args.semantics
-    )
+        extractor, args.image_a, args.image_b, args.out, top=args.top, threshold=args.threshold,
+        semantics=args.semantics,
+    )  # fmt: skip
     name = "logit" if args.semantics == "default" else "sigmoid(logit/10)"
     print(f"QAConv {name} {score:.3f}; wrote {path}")
 
