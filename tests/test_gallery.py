@@ -270,7 +270,7 @@ def test_tlift_search_equals_direct_tlift(timed_index, extractor, tiny_domain):
     kw = dict(tau=50.0, sigma=100.0, tlift_k=3, alpha=0.2)
     s, rows = gal.tlift_search(index, q, extractor.matcher, q_cams, q_times, g_times, k=6, exhaustive=True,
                                device="cpu", **kw)
-    sim = 1 / (1 + np.exp(-_brute(extractor, q, index).astype(np.float64) / 10))
+    sim = 1 / (1 + np.exp(-_brute(extractor, q, index).astype(np.float64)))  # sigma(logit): official TLift advice
     truth = tlift(sim, hand_q_cams, hand[len(index):], index.cams, hand[: len(index)], tau=50.0, sigma=100.0, k=3,
                   alpha=0.2)
     _assert_ranking(s, rows, truth, atol=1e-5)

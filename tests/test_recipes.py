@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 
 from qaconv.cli import main
@@ -154,3 +155,73 @@ def test_resume_keeps_the_recipe(tiny_domain, tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert (saved["recipe"], saved["loss"], saved["gs_rerank"], saved["lr"]) == ("2.0", "pairwise", True, 0.001)
     assert [r["epoch"] for r in _rows(run) if r["type"] == "epoch"] == [1, 2]
+
+
+def test_readme_recipe_table_matches_the_presets():
+    from pathlib import Path
+
+    from qaconv.recipes import markdown_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("<!-- recipes-table -->\n", 1)[1].split("\n<!-- /recipes-table -->", 1)[0]
+    assert table == markdown_table()
+
+
+def _tiny_trainer(tiny_domain, tmp_path, **kw):
+    from qaconv.data.market import load_market_layout
+    from qaconv.engine.runner import build_criterion, build_model
+    from qaconv.engine.trainer import Trainer
+
+    cfg = resolve_config("1.2", dict(arch="resnet18", ibn=None, pretrained=None, height=64, width=32, neck=8,
+                                     batch_size=8)).to_dict()  # fmt: skip
+    data = load_market_layout(tiny_domain)
+    model, matcher = build_model(cfg, load_weights=False)
+    criterion = build_criterion(cfg, model, matcher, data.num_train_pids)
+    return Trainer(model, matcher, criterion, data.train, tmp_path, height=64, width=32, batch_size=8,
+                   sampler="shuffle", device="cpu", progress=False, **kw)  # fmt: skip
+
+
+def test_pretraining_keeps_the_best_trial_and_resets_between_trials(tiny_domain, tmp_path):
+    trainer = _tiny_trainer(tiny_domain, tmp_path, pretrain_trials=3, pretrain_steps=2)
+    neck = trainer.model.neck[0].weight
+    base0 = {k: v.clone() for k, v in trainer.model.base.state_dict().items()}
+    metrics = iter([(1.0, 0.2), (0.5, 0.9), (2.0, 0.1)])  # (loss, acc): trial 2 has the best 100 * acc - loss
+    seen = []
+
+    def fake_run(sampler, desc, max_steps=None):
+        assert max_steps == 2 and trainer.dataset.transform is not None
+        seen.append((neck.detach().clone(), trainer.criterion.class_memory.abs().sum().item(),
+                     all(torch.equal(v, base0[k]) for k, v in trainer.model.base.state_dict().items())))
+        with torch.no_grad():  # a trial "trains": marks the neck, the backbone and the memory
+            neck.fill_(len(seen))
+            next(iter(trainer.model.base.parameters())).add_(1.0)
+            trainer.criterion.class_memory.fill_(1.0)
+        loss, acc = next(metrics)
+        return [loss], [acc], 0, 8, 0
+
+    trainer._run_batches = fake_run
+    summary = trainer.pretrain()
+    assert summary["best_trial"] == 2 and [round(t["metric"], 6) for t in summary["trials"]] == [19.0, 89.5, 8.0]
+    assert torch.all(neck == 2)  # the best trial's weights were restored
+    for i, (w, memory, base_fresh) in enumerate(seen):
+        assert base_fresh and memory == 0  # every trial starts from the initial backbone and an empty memory
+        assert not torch.all(w == i)  # with a freshly initialised neck
+    assert all(abs(x) <= 1 / math.sqrt(256 * 9) for x in (seen[1][0].min().item(), seen[1][0].max().item()))
+
+
+def test_augmentation_switches_on_after_the_accuracy_threshold(tiny_domain, tmp_path):
+    trainer = _tiny_trainer(tiny_domain, tmp_path, augment="full", augment_after_acc=0.6)
+    trainer.schedule.final_epochs = 3
+    names = lambda: [type(t).__name__ for t in trainer.dataset.transform.transforms]  # noqa: E731
+    assert not trainer.augment_on and "RandomCrop" not in names()
+    trainer.epoch = 1
+    assert not trainer._switch_augmentation(0.6)  # must exceed the threshold
+    assert trainer._switch_augmentation(0.61) and trainer.augment_on and "RandomCrop" in names()
+    assert not trainer._switch_augmentation(0.9)  # once
+    state = trainer.state_dict()
+    again = _tiny_trainer(tiny_domain, tmp_path, augment="full", augment_after_acc=0.6)
+    again.load_state_dict(state)
+    assert again.augment_on and "RandomCrop" in [type(t).__name__ for t in again.dataset.transform.transforms]
+    last = _tiny_trainer(tiny_domain, tmp_path, augment="flip-occlusion", augment_after_acc=0.6)
+    last.schedule.final_epochs, last.epoch = 3, 3
+    assert not last._switch_augmentation(0.99)  # never after the last epoch

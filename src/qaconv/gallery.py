@@ -324,7 +324,8 @@ def tlift_search(index: GalleryIndex, query_maps: torch.Tensor, matcher, q_cams,
                  alpha: float = 0.2, use_faiss=None):
     """Top-``k`` rows by TLift-lifted similarity: ``(lifted [Q, k] float64, rows [Q, k] int64)``, best first.
 
-    QAConv logits are mapped to sigma(logit / 10) and lifted with :func:`qaconv.tlift.tlift` using the query
+    QAConv logits are mapped to sigma(logit), as the official TLift docstring prescribes for raw QAConv
+    scores (there is no re-ranking here), and lifted with :func:`qaconv.tlift.tlift` using the query
     cameras / times and the index's cameras and ``g_times`` (default: the stored times). Exhaustive (all
     images) when ``exhaustive`` or the index has at most ``candidates`` images; otherwise TLift runs on the
     union of the queries' pooled-cosine shortlists (exact when pivots and ranks fall inside it).
@@ -347,7 +348,7 @@ def tlift_search(index: GalleryIndex, query_maps: torch.Tensor, matcher, q_cams,
     q = query_maps.float()
     logits = np.concatenate([engine.scores(q, _maps(index, cols[c : c + GALLERY_BLOCK])).numpy()
                              for c in range(0, len(cols), GALLERY_BLOCK)], axis=1)
-    lifted = tlift(logit_to_similarity(logits), q_cams, q_times, index.cams[cols], g_times[cols],
+    lifted = tlift(logit_to_similarity(logits, scale=1.0), q_cams, q_times, index.cams[cols], g_times[cols],
                    tau=tau, sigma=sigma, k=tlift_k, alpha=alpha)
     order = np.argsort(-lifted, axis=1, kind="stable")[:, : min(int(k), len(cols))]
     return np.take_along_axis(lifted, order, axis=1), cols[order]

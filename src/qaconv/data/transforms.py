@@ -70,3 +70,18 @@ def train_transform(
     if occlusion[1] > 0:
         steps.append(RandomOcclusion(*occlusion))
     return v2.Compose(steps)
+
+
+AUGMENTS = ("full", "flip-occlusion", "none")
+
+
+def make_transform(augment: str, height: int, width: int):
+    """``full``: the v1.2-v2.x list (pad + crop, flip, rotation, colour jitter, occlusion); ``flip-occlusion``:
+    v1.0/v1.1 (flip, resize, white-square occlusion); ``none``: the test transform."""
+    if augment == "full":
+        return train_transform(height, width)
+    if augment == "flip-occlusion":  # the official flip comes before the resize; the two commute
+        return train_transform(height, width, pad=0, rotation=0, jitter=False)
+    if augment == "none":
+        return eval_transform(height, width)
+    raise ValueError(f"unknown augment {augment!r}: choose one of {', '.join(AUGMENTS)}")

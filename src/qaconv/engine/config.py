@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from ..data.transforms import AUGMENTS
 from ..errors import QAConvError
 from ..recipes import DEFAULT_RECIPE, RECIPE_KEYS, RECIPES, load_recipe
 
@@ -22,7 +23,7 @@ CHOICES: dict[str, tuple] = {
     "loss": ("triplet", "pairwise", "memory"),
     "sampler": ("graph", "pk", "shuffle"),
     "amp": ("auto", "on", "off"),
-    "augment": ("full", "flip-occlusion", "none"),
+    "augment": AUGMENTS,
     "freeze_backbone_bn": ("auto", True, False),
     "rerank_input": ("sigmoid", "logit"),
 }

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data.images import ImageDataset, collate_skip_bad, scan_images
 from ..data.records import Record
 from ..data.samplers import GraphSampler, RandomIdentitySampler, ShuffledBatchSampler, sigmoid_distance
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import eval_transform, make_transform
 from ..errors import QAConvError
 from ..losses import finite_mean
 from ..matching import pick_device
@@ -29,21 +29,6 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .schedule import EpochSchedule
 
 CHECKPOINT = "checkpoint.pt"
-AUGMENTS = ("full", "flip-occlusion", "none")
-
-
-def make_transform(augment: str, height: int, width: int):
-    """``full``: the v1.2-v2.x list (pad + crop, flip, rotation, colour jitter, occlusion); ``flip-occlusion``:
-    v1.0/v1.1 (flip, resize, white-square occlusion); ``none``: the test transform."""
-    if augment == "full":
-        return train_transform(height, width)
-    if augment == "flip-occlusion":  # the official flip comes before the resize; the two commute
-        return train_transform(height, width, pad=0, rotation=0, jitter=False)
-    if augment == "none":
-        return eval_transform(height, width)
-    raise ValueError(f"unknown augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
-
-
 def reset_criterion(criterion: torch.nn.Module) -> None:
     """Fresh parameters and statistics of the matcher head, and an empty class memory (pre-training trials)."""
     heads = [m for m in criterion.modules() if isinstance(m, QAConv)]
