@@ -105,7 +105,7 @@ SMALL = {
             "2", "--pretrain-steps", "2", "--augment-after-acc", "0.01"],
     "1.2": ["--batch-size", "8", "--max-epochs", "2", "--step-factor", "1", "--neck", "16", "--pretrain-trials",
             "2", "--pretrain-steps", "2", "--augment-after-acc", "0.01"],
-    "2.0": ["--batch-size", "8", "--max-epochs", "2", "--step-factor", "1", "--neck", "16"],
+    "2.0": ["--batch-size", "8", "--max-epochs", "2", "--step-factor", "1", "--neck", "16", "--gs-save"],
     "2.1": ["--batch-size", "8", "--max-epochs", "2", "--neck", "16", "--margin", "2"],
     "latest": ["--batch-size", "8", "--max-epochs", "1", "--neck", "16", "--margin", "2"],
 }  # fmt: skip
@@ -134,6 +134,31 @@ def test_a_few_steps_of_every_recipe(recipe, tiny_domain, tmp_path):
         assert not epochs[0]["augmented"]  # no augmentation until the accuracy threshold is passed
     if recipe in ("1.0", "2.0", "2.1"):
         assert epochs[0]["augmented"]
+    if recipe == "2.0":  # epoch 1 is the random pre-epoch; epoch 2 (0-based 1) a re-ranked graph, saved
+        import numpy as np
+
+        assert sorted(p.name for p in (run / "graph_sampler").iterdir()) == ["gs1.npz"]
+        saved_gs = np.load(run / "graph_sampler" / "gs1.npz", allow_pickle=False)
+        assert saved_gs["neighbours"].shape == (8, 1)  # 8 identities, batch 8 / 4 images - 1 neighbours
+
+
+def test_a_new_grad_scaler_every_epoch(tiny_domain, tmp_path, monkeypatch):
+    """As the official trainer: torch.cuda.amp.GradScaler() at the start of every epoch."""
+    from qaconv.engine import trainer as trainer_module
+
+    made = []
+    real = torch.amp.GradScaler
+
+    def spy(*args, **kw):
+        made.append(real(*args, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(trainer_module.torch.amp, "GradScaler", spy)
+    trainer = _tiny_trainer(tiny_domain, tmp_path)
+    for epoch in (1, 2):
+        trainer.train_epoch(epoch)
+    assert len(made) == 3 and trainer.scaler is made[-1] and len({id(m) for m in made}) == 3
+    assert "scaler" not in trainer.state_dict()
 
 
 def test_resume_keeps_the_recipe(tiny_domain, tmp_path):

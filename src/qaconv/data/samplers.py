@@ -132,6 +132,8 @@ class GraphSampler(Sampler[list[int]]):
     v2.0 options (official defaults: ``batch_size=64, num_instance=4`` -> 15 neighbours, ``pre_epochs=1``,
     ``rerank=True``; ``--gs_rerank_off`` is ``rerank=False``, ``--gs_save`` is ``save_dir``):
 
+    * ``first_epoch``: the number ``set_epoch`` gives the first epoch (the trainer counts from 1); epochs
+      are counted from it below, so the official 0-based numbering holds whatever the caller's.
     * ``pre_epochs``: epochs ``< pre_epochs`` use the official ``random_index()`` order instead (see
       ``_pre_epoch_batches``); they leave the image lists and pointers untouched and set
       ``last_neighbours`` to None.
@@ -155,6 +157,7 @@ class GraphSampler(Sampler[list[int]]):
         pre_epochs: int = 0,
         rerank: bool = False,
         save_dir: str | Path | None = None,
+        first_epoch: int = 0,
     ):
         super().__init__()
         _check_batch(batch_size, num_instance)
@@ -170,6 +173,7 @@ class GraphSampler(Sampler[list[int]]):
         self.pre_epochs = int(pre_epochs)
         self.rerank = bool(rerank)
         self.save_dir = None if save_dir is None else Path(save_dir)
+        self.first_epoch = _check_epoch(first_epoch)
         self.epoch = 0
         self.num_neighbours = min(self.batch_size // self.num_instance - 1, len(self.classes) - 1)
         self.last_neighbours: np.ndarray | None = None
@@ -179,7 +183,7 @@ class GraphSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         """Batches of the epoch the next ``iter()`` builds (a pre-epoch has its own count)."""
-        if self.epoch < self.pre_epochs:
+        if self._in_pre_epochs():
             chunks = sum(min(max(len(m) // self.num_instance, 1), self.batch_size) for m in self._members)
             return math.ceil(chunks * self.num_instance / self.batch_size)
         return len(self.classes)
@@ -187,6 +191,9 @@ class GraphSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         """Use ``(seed, epoch)`` for the next ``iter()``; ``epoch`` must be >= 0."""
         self.epoch = _check_epoch(epoch)
+
+    def _in_pre_epochs(self) -> bool:
+        return self.epoch - self.first_epoch < self.pre_epochs
 
     def _pre_epoch_batches(self, rng: np.random.Generator) -> list[list[int]]:
         """Official v2.0 ``random_index()`` order, cut into batches as its DataLoader did.
@@ -255,13 +262,14 @@ class GraphSampler(Sampler[list[int]]):
             "raw_dist": raw,
             "dist": dist,
             "neighbours": neighbours.astype(np.int64),
-            "epoch": np.int64(self.epoch),
+            "epoch": np.int64(self.epoch - self.first_epoch),
         }
-        atomic_write(self.save_dir / f"gs{self.epoch}.npz", lambda f: np.savez_compressed(f, **arrays))
+        name = f"gs{self.epoch - self.first_epoch}.npz"
+        atomic_write(self.save_dir / name, lambda f: np.savez_compressed(f, **arrays))
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = _rng(self.seed, _EPOCH_STREAM, self.epoch)
-        if self.epoch < self.pre_epochs:
+        if self._in_pre_epochs():
             self.last_neighbours = None
             self.epoch += 1
             return iter(self._pre_epoch_batches(rng))

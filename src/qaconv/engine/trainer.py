@@ -145,7 +145,8 @@ class Trainer:
         self.extra_state = extra_state or {}
         labels = [r.pid for r in self.records]
         if sampler == "graph":
-            gs = dict(pre_epochs=gs_pre_epochs, rerank=gs_rerank, save_dir=gs_save_dir if self.rank == 0 else None)
+            gs = dict(pre_epochs=gs_pre_epochs, rerank=gs_rerank, save_dir=gs_save_dir if self.rank == 0 else None,
+                      first_epoch=1)  # fmt: skip
             self.sampler = GraphSampler(labels, batch_size, num_instance, self._class_distances, seed=seed, **gs)
             smallest = min(batch_size, len(self.sampler.classes) * num_instance)
         elif sampler == "pk":
