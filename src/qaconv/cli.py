@@ -79,6 +79,11 @@ def _group(p, title: str, explicit: bool):
     return _Explicit(g) if explicit else g
 
 
+def _switch(g, flag: str, help: str) -> None:
+    """An off-by-default switch: ``--flag`` alone turns it on; ``--flag false`` (e.g. over a recipe) off."""
+    g.add_argument(flag, default=False, type=_bool, nargs="?", const=True, metavar="BOOL", help=help)
+
+
 def _augment(value: str) -> str:
     v = value.lower()
     if v in ("full", "flip-occlusion", "none"):
@@ -162,23 +167,9 @@ def _add_run_args(p, d: dict, explicit: bool = False) -> None:
 
 def _add_post_args(p, d: dict, explicit: bool = False) -> None:
     g = _group(p, "post-processing (the official protocol: re-ranking, then TLift on the re-ranked score)", explicit)
-    g.add_argument("--rerank", default=False, type=_bool, nargs="?", const=True, help="add the +RR row")
-    g.add_argument(
-        "--tlift",
-        default=False,
-        type=_bool,
-        nargs="?",
-        const=True,
-        help="add the official +RR and +RR+TLift rows (TLift on re-ranked scores; test sets with time stamps)",
-    )
-    g.add_argument(
-        "--tlift-direct",
-        default=False,
-        type=_bool,
-        nargs="?",
-        const=True,
-        help="also a row of TLift on sigma(logit) without re-ranking (not part of the official protocol)",
-    )
+    _switch(g, "--rerank", "add the +RR row")
+    _switch(g, "--tlift", "add the official +RR and +RR+TLift rows (TLift on re-ranked scores; needs time stamps)")
+    _switch(g, "--tlift-direct", "also a row of TLift on sigma(logit) without re-ranking (not the official protocol)")
     g.add_argument(
         "--rerank-input",
         default=d["rerank_input"],
@@ -186,14 +177,7 @@ def _add_post_args(p, d: dict, explicit: bool = False) -> None:
         help="distances fed to re-ranking: 1 - sigma(logit/10) (tags v1.0-v2.1) or -logit (latest official commit); "
         "evaluate: the checkpoint's recipe unless given",
     )
-    g.add_argument(
-        "--save-scores",
-        default=False,
-        type=_bool,
-        nargs="?",
-        const=True,
-        help="write the official .mat score file (score, score_rerank, score_tlift, ...) and a richer .npz",
-    )
+    _switch(g, "--save-scores", "write the official NAME_score.mat (score, score_rerank, score_tlift, ...) and a .npz")
     g.add_argument("--k1", default=d["k1"], type=_positive(int), help="re-ranking k1")
     g.add_argument("--k2", default=d["k2"], type=_positive(int), help="re-ranking k2 (query expansion)")
     g.add_argument(
@@ -312,14 +296,7 @@ def _add_train_args(p, d: dict, explicit: bool = False) -> None:
         type=_bool,
         help="graph sampler: k-reciprocal re-ranked class graph (v2.0)",
     )
-    g.add_argument(
-        "--gs-save",
-        default=d["gs_save"],
-        type=_bool,
-        nargs="?",
-        const=True,
-        help="graph sampler: save each epoch's class distances and neighbours to OUT_DIR/graph_sampler/gsN.npz",
-    )
+    _switch(g, "--gs-save", "graph sampler: save each epoch's class distances and neighbours (OUT_DIR/graph_sampler)")
     g.add_argument("-b", "--batch-size", default=d["batch_size"], type=_positive(int), help="images per batch")
     g.add_argument("--num-instance", default=d["num_instance"], type=_positive(int), help="images per class in a batch")
     g.add_argument(
@@ -370,14 +347,7 @@ def _add_train_args(p, d: dict, explicit: bool = False) -> None:
     g.add_argument(
         "--pretrain-steps", default=d["pretrain_steps"], type=_positive(int), help="steps per pre-training trial"
     )
-    g.add_argument(
-        "--strict",
-        default=False,
-        type=_bool,
-        nargs="?",
-        const=True,
-        help="stop at the first unreadable training image instead of skipping it",
-    )
+    _switch(g, "--strict", "stop at the first unreadable training image instead of skipping it")
     g.add_argument("--seed", default=d["seed"], type=_positive(int, zero=True), help="random seed")
     p.add_argument(
         "--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt with its saved configuration"
