@@ -292,11 +292,15 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
     return results, time.perf_counter() - start
 
 
-def evaluate(model, matcher, cfg: dict, testsets, out_dir=None, progress=True) -> dict[str, RankResult]:
+def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict[str, RankResult]:
     """Evaluate on each named test set; prints a table and logs one metrics.jsonl row per set and row.
 
-    Keys of the result: the test-set name, and ``NAME +RR`` (``cfg['rerank']`` or ``cfg['tlift']``),
-    ``NAME +RR+TLift`` (``cfg['tlift']``) and ``NAME +TLift(unofficial)`` (``cfg['tlift_direct']``) when asked for."""
+    ``cfg``: a :class:`~qaconv.engine.config.TrainConfig` or a dict of its fields (the run's evaluation
+    options are read from it). Keys of the result: the test-set name, and ``NAME +RR`` (``cfg['rerank']`` or
+    ``cfg['tlift']``), ``NAME +RR+TLift`` (``cfg['tlift']``) and ``NAME +TLift(unofficial)``
+    (``cfg['tlift_direct']``) when asked for."""
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
     check_post_options(cfg)
     init_from_env(cfg.get("device"))  # under torchrun: the scores are computed in shares
     progress = progress and is_main()
