@@ -218,3 +218,29 @@ def test_evaluate_two_stage(tiny_domain, tmp_path, capsys):
                  *common])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "--two-stage" in err[0]
+
+
+def test_train_into_an_existing_run_is_refused_unless_overwrite(tiny_domain, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train_tiny(tiny_domain, run) == 0
+    before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "config.yaml", "metrics.jsonl")}
+    capsys.readouterr()
+    assert _train_tiny(tiny_domain, run) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a run" in err and "--overwrite" in err
+    assert {name: (run / name).read_bytes() for name in before} == before  # nothing touched
+    argv = ["train", "--dataset", "synth_A", "--testsets", "", "-o", str(run), "--arch", "resnet18", "--ibn", "none",
+            "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16", "--batch-size", "8",
+            "--max-epochs", "1", "--overwrite", *_common(tiny_domain)]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in rows].count("data") == 1  # the old run's rows are gone, not appended to
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it_is_one_line(tiny_domain, tmp_path, capsys):
+    argv = ["train", "--dataset", "synth_A", "--testsets", "", "-o", str(tmp_path / "r"), "--arch", "resnet18",
+            "--ibn", "none", "--pretrained", "none", *_common(tiny_domain)[:-2], "--device", "cuda"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not available" in err and "no CUDA device" in err

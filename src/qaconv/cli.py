@@ -352,6 +352,7 @@ def _add_train_args(p, d: dict, explicit: bool = False) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt with its saved configuration"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in OUT_DIR (default: refuse)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -510,7 +511,7 @@ def _cmd_train(args) -> None:
         from .report import check_report_dir
 
         check_report_dir(cfg.report)  # fail before training
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 def _cmd_evaluate(args) -> None:

@@ -67,7 +67,7 @@ def run_demo(out_dir="qaconv_demo", data_dir=None, max_epochs=4, device=None, se
             "data_dir": str(data_dir),
             "out_dir": str(out / "runs" / matcher),
         }).to_dict()  # fmt: skip
-        run = train(cfg, progress=progress)
+        run = train(cfg, progress=progress, overwrite=True)  # a demo run again starts afresh
         model, head = run["model"], run["matcher"]
         # QAConv on the target domain also gets the ECCV post-processing rows +RR and +RR+TLift (TLift from
         # the simulated camera network's time stamps)

@@ -57,10 +57,21 @@ DEFAULT_MEMORY = 256 * 2**20  # bytes for one tile's working set
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, or CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, or CUDA when available, else CPU. A device that is not there (a bad name, CUDA
+    on a machine without it, a GPU index past the last) is refused in one line naming what is available."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    there = "cpu" + (f", cuda:0 .. cuda:{count - 1}" if count else " (no CUDA device on this machine)")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; available: {there}") from None
+    if dev.type == "cuda" and (count == 0 or (dev.index or 0) >= count):
+        raise ValueError(f"device {device!r} is not available; available: {there}")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; available: {there}")
+    return dev
 
 
 def _scalar(t: Tensor) -> float:

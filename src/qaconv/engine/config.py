@@ -178,6 +178,13 @@ class TrainConfig:
                 "--rerank and --tlift (which re-ranks first) need every query-gallery and gallery-gallery score; "
                 "use them without --two-stage"
             )
+        if self.device is not None:
+            from ..matching import pick_device
+
+            try:
+                pick_device(self.device)
+            except ValueError as exc:
+                raise QAConvError(str(exc)) from None
         if check_datasets:
             from ..data.registry import check_dataset
 

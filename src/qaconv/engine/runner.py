@@ -95,11 +95,30 @@ def _amp(value: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[value]
 
 
-def train(cfg: TrainConfig | dict, resume: bool = False, progress: bool = True, on_epoch_end=None) -> dict:
+RUN_FILES = (CHECKPOINT, "config.yaml", "metrics.jsonl")
+
+
+def _check_new_run(out: Path, overwrite: bool) -> None:
+    """A new run never mixes with an old one in ``out``: refuse, or with ``overwrite`` remove the old run's files."""
+    old = [name for name in RUN_FILES if (out / name).exists()]
+    if old and not overwrite:
+        raise QAConvError(
+            f"{out} already holds a run ({', '.join(old)}): pass --resume to continue it or --overwrite to replace it"
+        )
+    if is_main():
+        for name in old:
+            (out / name).unlink()
+
+
+def train(
+    cfg: TrainConfig | dict, resume: bool = False, progress: bool = True, on_epoch_end=None, overwrite: bool = False
+) -> dict:
     """Train per ``cfg`` (a :class:`TrainConfig`, or a dict of its fields) into its ``out_dir`` and evaluate on
     its test sets; returns a summary. The configuration is validated as a whole (test sets included) first.
 
-    Under torchrun (``WORLD_SIZE`` > 1) every process joins the group and trains its share (DDP)."""
+    A new run (no ``resume``) into a folder that holds a run is refused unless ``overwrite``, which removes
+    the old run's checkpoint, config and metrics first. Under torchrun (``WORLD_SIZE`` > 1) every process
+    joins the group and trains its share (DDP)."""
     config = cfg if isinstance(cfg, TrainConfig) else from_dict(cfg)
     cfg = config.validate(check_datasets=True).to_dict()
     init_from_env(cfg.get("device"))
@@ -117,6 +136,8 @@ def train(cfg: TrainConfig | dict, resume: bool = False, progress: bool = True, 
         if changed and progress:
             print(f"resuming with the saved configuration; ignoring changed options {sorted(changed)}")
         cfg = from_dict({**saved, **{k: cfg[k] for k in RUNTIME_KEYS}}).validate().to_dict()
+    else:
+        _check_new_run(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
