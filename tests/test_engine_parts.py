@@ -27,13 +27,31 @@ def test_checkpoint_roundtrip_and_atomic(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+class _Evil:
+    """Unpickling this would run a command: weights-only loading must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo unpickled > /dev/null",))
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(QAConvError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(QAConvError, match="cannot load checkpoint"):
+    with pytest.raises(QAConvError, match="corrupt or not a qaconv checkpoint"):
         load_checkpoint(bad)
+    for name, payload in (("random.pt", os.urandom(5000)), ("pickle.pt", None)):
+        path = tmp_path / name
+        if payload is None:  # a pickle holding an arbitrary object: refused, never unpickled
+            torch.save({"format": "qaconv-checkpoint-1", "x": _Evil()}, path)
+        else:
+            path.write_bytes(payload)
+        with pytest.raises(QAConvError) as info:
+            load_checkpoint(path)
+        message = str(info.value)
+        assert "corrupt or not a qaconv checkpoint" in message and "\n" not in message
+        assert "weights_only" not in message and "trust" not in message  # never suggests unsafe loading
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(QAConvError, match="not a qaconv checkpoint"):

@@ -63,8 +63,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
+        if "weights only load failed" in str(exc).lower():  # torch's text would suggest unsafe loading: never
+            raise QAConvError(
+                f"{path} is corrupt or not a qaconv checkpoint: it holds objects other than tensors and plain "
+                "values (qaconv checkpoints never do)"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QAConvError(f"cannot load checkpoint {path}: {first}") from None
+        raise QAConvError(f"{path} is corrupt or not a qaconv checkpoint ({first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise QAConvError(f"{path} is not a qaconv checkpoint (expected format '{FORMAT}')")
     return state
