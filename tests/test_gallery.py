@@ -129,8 +129,18 @@ def test_index_file_holds_plain_arrays_only(built, tmp_path):
 def test_corrupt_or_foreign_index_gives_clear_error(tmp_path):
     (tmp_path / "a.idx").write_bytes(b"garbage")
     np.savez(tmp_path / "b.npz", x=np.zeros(3))
-    with pytest.raises(QAConvError, match="cannot read index"):
+    with pytest.raises(QAConvError, match="corrupt or not a qaconv gallery index"):
         gal.load_index(tmp_path / "a.idx")
+    import os
+    import pickle
+
+    (tmp_path / "r.idx").write_bytes(os.urandom(5000))
+    with open(tmp_path / "p.idx", "wb") as f:
+        pickle.dump({"format": gal.FORMAT}, f)
+    for name in ("r.idx", "p.idx"):  # random bytes and a pickle: never a hint to load unsafely
+        with pytest.raises(QAConvError, match="corrupt or not a qaconv gallery index") as info:
+            gal.load_index(tmp_path / name)
+        assert "allow_pickle" not in str(info.value) and "trust" not in str(info.value)
     with pytest.raises(QAConvError, match="not a qaconv gallery index"):
         gal.load_index(tmp_path / "b.npz")
     with pytest.raises(QAConvError, match="does not exist"):

@@ -259,8 +259,10 @@ def load_index(path: str | Path) -> GalleryIndex:
                 raise QAConvError(f"{path} is not a qaconv gallery index (expected format '{FORMAT}')")
             data = {f.name: z[f.name] for f in fields(GalleryIndex)}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        if "pickle" in str(exc).lower():  # numpy's text would suggest unsafe loading: never
+            raise QAConvError(f"{path} is corrupt or not a qaconv gallery index (it is no .npz of arrays)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QAConvError(f"cannot read index {path}: {first}") from None
+        raise QAConvError(f"{path} is corrupt or not a qaconv gallery index ({first})") from None
     for key in ("root", "model_checkpoint", "model_hash"):
         data[key] = str(data[key])
     data["feature_shape"] = tuple(int(s) for s in data["feature_shape"])
