@@ -244,3 +244,19 @@ def test_cuda_on_a_machine_without_it_is_one_line(tiny_domain, tmp_path, capsys)
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not available" in err and "no CUDA device" in err
+
+
+def test_bad_targets_fail_before_any_work(tiny_domain, tmp_path, capsys):
+    """Only separators as test sets, and an index output that is a folder or in no folder: one line, up front
+    (the checkpoint does not even exist, so nothing was loaded or extracted)."""
+    missing = str(tmp_path / "no_run")
+    cases = [
+        (["evaluate", "--checkpoint", missing, "--testsets", ",,"], "no test sets given"),
+        (["index", str(tiny_domain / "query"), "--checkpoint", missing, "-o", str(tmp_path)], "is a folder"),
+        (["index", str(tiny_domain / "query"), "--checkpoint", missing, "-o", str(tmp_path / "x" / "g.idx")],
+         "does not exist: create"),
+    ]  # fmt: skip
+    for argv, needle in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err

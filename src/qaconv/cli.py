@@ -518,7 +518,7 @@ def _cmd_evaluate(args) -> None:
     from .engine.config import from_dict
     from .engine.runner import evaluate, load_trained
 
-    if not args.testsets:
+    if not [t for t in args.testsets.split(",") if t.strip()]:
         raise QAConvError("no test sets given: pass --testsets NAME[,NAME...]")
     model, matcher, cfg = load_trained(args.checkpoint, device=args.device)
     cfg.update(
@@ -557,6 +557,10 @@ def _cmd_index(args) -> None:
     out = Path(args.out)
     if not Path(args.gallery_dir).is_dir():
         raise QAConvError(f"gallery folder {args.gallery_dir} does not exist or is not a folder")
+    if out.is_dir():
+        raise QAConvError(f"{out} is a folder: -o names the index file to write (e.g. {out / 'gallery.idx'})")
+    if not out.parent.is_dir():
+        raise QAConvError(f"the folder of {out} does not exist: create {out.parent} first")
     if out.exists() and not (args.append or args.overwrite):
         raise QAConvError(f"{out} exists: pass --append to add new images or --overwrite to rebuild it")
     old = load_index(out) if args.append and out.exists() else None
