@@ -307,6 +307,7 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
     names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
     results: dict[str, RankResult] = {}
     sections = []  # HTML report sections, with cfg['report']
+    report_error = None  # the first report failure
     if cfg.get("report"):
         from ..report import check_report_dir
 
@@ -314,13 +315,8 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
     for name in filter(None, names):
         with main_first():  # a synthetic test set is generated once, by rank 0
             data = load_dataset(name, cfg["data_dir"], progress=progress)
-        kept = {} if cfg.get("report") and is_main() else None
+        kept = {} if cfg.get("report") and is_main() and report_error is None else None
         rows, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress, out_dir=out_dir, keep=kept)
-        if kept is not None:
-            from ..report import report_from_evaluation
-
-            sections.append(report_from_evaluation(cfg["report"], data, kept, matcher, rows, cfg, progress))
-            del kept
         for label, result in rows.items():
             results[f"{name} {label}".strip()] = result
             if out_dir is not None and is_main():
@@ -333,8 +329,18 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
                     "time_s": seconds,
                 }
                 append_jsonl(Path(out_dir) / "metrics.jsonl", row)
+        if kept is not None:  # after the metrics rows, so a failing report loses none
+            from ..report import report_from_evaluation
+
+            try:
+                sections.append(report_from_evaluation(cfg["report"], data, kept, matcher, rows, cfg, progress))
+            except Exception as exc:  # raised after the table is printed; the other test sets are still evaluated
+                report_error = exc
+        del kept
     if progress and results:
         print(format_table(results))
+    if report_error is not None:
+        raise report_error
     if sections:
         from ..report import write_report
 

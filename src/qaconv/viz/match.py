@@ -117,6 +117,7 @@ def draw_match(
     to their best gallery locations. Bottom row: the value of every probe / gallery location over its
     image. The title names the semantics and shows ``score``, which the caller computes: the logit under
     the default semantics, sigmoid(logit / 10) of the gallery-as-kernel logit under the official ones.
+    All text is drawn literally (no mathtext).
     """
     import matplotlib
 
@@ -162,45 +163,46 @@ def draw_match(
     canvas[:, :iw] = img_a
     canvas[:, iw + gap :] = img_b
 
-    fig = plt.figure(figsize=(6.4, 7.6), dpi=120, layout="constrained")
-    grid = fig.add_gridspec(2, 2)
-    ax_top = fig.add_subplot(grid[0, :2])
-    ax_top.imshow(canvas)
-    if len(chosen):
-        segments = np.stack((start, end), axis=1)
-        order = np.argsort(line_val)  # strongest drawn last, on top
-        lines = LineCollection(segments[order], colors=cmap(norm(line_val[order])), linewidths=1.6, alpha=0.9)
-        ax_top.add_collection(lines)
-        ax_top.scatter(*np.concatenate((start, end)).T, s=10, c=cmap(norm(np.concatenate((line_val, line_val)))),
-                       edgecolors="white", linewidths=0.4, zorder=3)
-    if threshold is None:
-        rule = f"top {len(chosen)}"
-    else:
-        rule = f"{'cosine' if shown == 'sim' else 'contribution'} > {threshold:g}"
-    ranking = "cosine x fc weight" if shown == "sim" else value_label
-    ax_top.set_title(f"{len(chosen)} matches ({rule}, ranked by {ranking})", fontsize=8)
-    ax_top.set_xlim(-0.5, canvas.shape[1] - 0.5)
-    ax_top.set_ylim(ih - 0.5, -0.5)
-    ax_top.axis("off")
+    with matplotlib.rc_context({"text.parse_math": False}):  # labels with `$` are not mathtext
+        fig = plt.figure(figsize=(6.4, 7.6), dpi=120, layout="constrained")
+        grid = fig.add_gridspec(2, 2)
+        ax_top = fig.add_subplot(grid[0, :2])
+        ax_top.imshow(canvas)
+        if len(chosen):
+            segments = np.stack((start, end), axis=1)
+            order = np.argsort(line_val)  # strongest drawn last, on top
+            lines = LineCollection(segments[order], colors=cmap(norm(line_val[order])), linewidths=1.6, alpha=0.9)
+            ax_top.add_collection(lines)
+            ax_top.scatter(*np.concatenate((start, end)).T, s=10, c=cmap(norm(np.concatenate((line_val, line_val)))),
+                           edgecolors="white", linewidths=0.4, zorder=3)
+        if threshold is None:
+            rule = f"top {len(chosen)}"
+        else:
+            rule = f"{'cosine' if shown == 'sim' else 'contribution'} > {threshold:g}"
+        ranking = "cosine x fc weight" if shown == "sim" else value_label
+        ax_top.set_title(f"{len(chosen)} matches ({rule}, ranked by {ranking})", fontsize=8)
+        ax_top.set_xlim(-0.5, canvas.shape[1] - 0.5)
+        ax_top.set_ylim(ih - 0.5, -0.5)
+        ax_top.axis("off")
 
-    axes = [ax_top]
-    cell = "best match" if shown == "sim" else "contribution"
-    for col, (img, val_map, label) in enumerate(((img_a, p_val, labels[0]), (img_b, g_val, labels[1]))):
-        ax = fig.add_subplot(grid[1, col])
-        ax.imshow(img)
-        ax.imshow(val_map.reshape(fh, fw), cmap=cmap, norm=norm, alpha=0.6, interpolation="nearest",
-                  extent=(-0.5, iw - 0.5, ih - 0.5, -0.5))
-        ax.set_title(f"{label}: {cell} per location", fontsize=8)
-        ax.axis("off")
-        axes.append(ax)
+        axes = [ax_top]
+        cell = "best match" if shown == "sim" else "contribution"
+        for col, (img, val_map, label) in enumerate(((img_a, p_val, labels[0]), (img_b, g_val, labels[1]))):
+            ax = fig.add_subplot(grid[1, col])
+            ax.imshow(img)
+            ax.imshow(val_map.reshape(fh, fw), cmap=cmap, norm=norm, alpha=0.6, interpolation="nearest",
+                      extent=(-0.5, iw - 0.5, ih - 0.5, -0.5))
+            ax.set_title(f"{label}: {cell} per location", fontsize=8)
+            ax.axis("off")
+            axes.append(ax)
 
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, label=value_label)
-    kernel = "probe" if semantics == "default" else "gallery"
-    fig.suptitle(f"{score_name} {score:.3f}\n{semantics} semantics ({kernel} = kernel side)", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, label=value_label)
+        kernel = "probe" if semantics == "default" else "gallery"
+        fig.suptitle(f"{score_name} {score:.3f}\n{semantics} semantics ({kernel} = kernel side)", fontsize=10)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+        plt.close(fig)
     return path
 
 
