@@ -141,3 +141,50 @@ def test_strict_stops_at_unreadable_training_images(tiny_domain, tmp_path):
     cfg = _cfg(tiny_domain, tmp_path / "run", dataset=str(root), max_epochs=1, strict=True)
     with pytest.raises(QAConvError, match=f"1 unreadable training image.*{victim.name}.*--strict"):
         train(cfg, progress=False)
+
+
+def test_kill_between_checkpoint_and_metrics_row_loses_no_row(tiny_domain, tmp_path, monkeypatch):
+    from qaconv.engine import trainer as trainer_module
+
+    cfg = _cfg(tiny_domain, tmp_path / "run", max_epochs=2, step_factor=10)
+    real = trainer_module.append_jsonl
+
+    def killed_after_checkpoint(path, row):
+        if row.get("type") == "epoch" and row["epoch"] == 1:
+            raise _Interrupt  # the checkpoint of epoch 1 is on disk, its metrics row is not
+        real(path, row)
+
+    monkeypatch.setattr(trainer_module, "append_jsonl", killed_after_checkpoint)
+    with pytest.raises(_Interrupt):
+        train(cfg, progress=False)
+    monkeypatch.setattr(trainer_module, "append_jsonl", real)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    train(cfg, resume=True, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    epochs = [r for r in rows if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and epochs[0].get("restored_from_checkpoint")
+
+
+def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(tiny_domain, tmp_path, monkeypatch):
+    from qaconv.engine.trainer import Trainer
+    from qaconv.errors import QAConvError
+
+    real = Trainer.train_epoch
+
+    def diverging(self, epoch):
+        row = real(self, epoch)
+        if epoch == 2:
+            with torch.no_grad():
+                self.model.neck.weight.fill_(float("nan"))
+            row["loss"] = float("nan")
+        return row
+
+    monkeypatch.setattr(Trainer, "train_epoch", diverging)
+    cfg = _cfg(tiny_domain, tmp_path / "run", max_epochs=3, step_factor=10)
+    with pytest.raises(QAConvError, match=r"epoch 2: parameters became non-finite \(neck.weight\).*--lr.*epoch 1"):
+        train(cfg, progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    floats = [v for v in state["model"].values() if v.is_floating_point()]
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in floats)
+    for line in open(tmp_path / "run" / "metrics.jsonl"):
+        json.loads(line)  # every line valid JSON

@@ -43,10 +43,35 @@ def reset_criterion(criterion: torch.nn.Module) -> None:
                 getattr(m, name).zero_()
 
 
+def _json_safe(value):
+    """Non-finite floats become None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def append_jsonl(path: str | Path, row: dict) -> None:
-    """Append one JSON line to ``path``."""
+    """Append one JSON line to ``path`` (valid JSON: non-finite numbers are written as null)."""
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+
+
+def _logged_epochs(path: Path) -> set[int]:
+    """Epochs that have a row in a metrics.jsonl (a torn last line, from a kill mid-write, is ignored)."""
+    epochs = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("type") == "epoch":
+                epochs.add(int(row["epoch"]))
+    return epochs
 
 
 def make_optimizer(model, criterion, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1):
@@ -361,10 +386,15 @@ class Trainer:
         """Train until the schedule stops; with ``resume`` continue from ``out_dir``'s checkpoint."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.out_dir / CHECKPOINT
+        metrics = self.out_dir / "metrics.jsonl"
         if resume:  # every rank reads the same checkpoint
-            self.load_state_dict(load_checkpoint(ckpt_path, map_location=self.device))
+            state = load_checkpoint(ckpt_path, map_location=self.device)
+            self.load_state_dict(state)
             if self.progress:
                 print(f"resumed from {ckpt_path} after epoch {self.epoch}")
+            row = state.get("metrics_row")  # a kill after the checkpoint, before its metrics row: write it now
+            if self.rank == 0 and row and self.epoch not in _logged_epochs(metrics):
+                append_jsonl(metrics, {**row, "restored_from_checkpoint": True})
         if self.rank == 0:
             append_jsonl(
                 self.out_dir / "metrics.jsonl",
@@ -385,8 +415,7 @@ class Trainer:
         while not self.schedule.done(self.epoch):
             epoch = self.epoch + 1
             row = self.train_epoch(epoch)
-            if not math.isfinite(row["loss"]):
-                raise QAConvError(f"epoch {epoch} ended with a non-finite average loss")
+            self._check_finite(epoch, row, ckpt_path)
             if self.schedule.end_epoch(epoch, row["loss"]):
                 for group in self.optimizer.param_groups:
                     group["lr"] *= 0.1
@@ -396,9 +425,9 @@ class Trainer:
             if self._switch_augmentation(row["acc"]):
                 row["augmentation_starts"] = True
             ddp.broadcast_buffers(self.model, self.matcher)  # BN statistics of rank 0 everywhere
-            if self.rank == 0:
-                save_checkpoint(self.state_dict(), ckpt_path)
-                append_jsonl(self.out_dir / "metrics.jsonl", row)
+            if self.rank == 0:  # the checkpoint carries its epoch's row, so a kill in between loses nothing
+                save_checkpoint({**self.state_dict(), "metrics_row": row}, ckpt_path)
+                append_jsonl(metrics, row)
             ddp.barrier()  # the checkpoint of this epoch exists before any rank goes on
             rows.append(row)
             if self.progress:
@@ -412,6 +441,20 @@ class Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
         return rows
+
+    def _check_finite(self, epoch: int, row: dict, ckpt_path: Path) -> None:
+        """Stop, naming the likely cause, when the epoch's loss or any parameter is not finite; the checkpoint
+        of the last good epoch stays as it is."""
+        named = [*self.model.named_parameters(), *self.criterion.named_parameters()]
+        bad = [n for n, p in named if not torch.isfinite(p.detach()).all()]
+        if math.isfinite(row["loss"]) and not bad:
+            return
+        what = f"parameters became non-finite ({', '.join(bad[:3])})" if bad else "the average loss is not finite"
+        kept = f"{ckpt_path} still holds epoch {self.epoch}" if self.epoch else "no checkpoint was written"
+        raise QAConvError(
+            f"epoch {epoch}: {what}; the learning rate ({row['lr'][-1]:g}) is likely too high, try a lower --lr; "
+            f"{kept}"
+        )
 
     def _switch_augmentation(self, acc: float) -> bool:
         """v1.1/v1.2: augmentation starts after the first epoch whose accuracy exceeds ``augment_after_acc``
