@@ -260,3 +260,23 @@ def test_bad_targets_fail_before_any_work(tiny_domain, tmp_path, capsys):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_search_prints_file_names_with_escape_sequences_safely(tiny_domain, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    assert _train_tiny(tiny_domain, run) == 0
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    sources = sorted((tiny_domain / "bounding_box_test").glob("*.jpg"))[:3]
+    evil = "0001_c1s1_000100_00\x1b[2J\x1b]0;pwned\x07.jpg"  # clear screen, retitle the terminal
+    for i, src in enumerate(sources):
+        shutil.copy(src, gallery / (evil if i == 0 else src.name))
+    idx = tmp_path / "g.idx"
+    assert main(["index", str(gallery), "--checkpoint", str(run), "-o", str(idx), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(gallery / evil), "--index", str(idx), "--checkpoint", str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b[2J\\x1b]0;pwned\\x07.jpg" in out  # shown, escaped, in the query line and the result rows

@@ -79,6 +79,12 @@ def _group(p, title: str, explicit: bool):
     return _Explicit(g) if explicit else g
 
 
+def _printable(text) -> str:
+    """``text`` with every non-printable character (terminal escape sequences, newlines, tabs) shown as a
+    Python escape, so a crafted file name can neither clear the screen nor forge output lines."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def _switch(g, flag: str, help: str) -> None:
     """An off-by-default switch: ``--flag`` alone turns it on; ``--flag false`` (e.g. over a recipe) off."""
     g.add_argument(flag, default=False, type=_bool, nargs="?", const=True, metavar="BOOL", help=help)
@@ -572,7 +578,7 @@ def _cmd_index(args) -> None:
         index, report = build_index(args.gallery_dir, extractor, args.checkpoint, **kw)
     bad = report["unreadable"]
     print(f"added {report['added']} images, skipped {report['skipped']} already in the index, "
-          f"{len(bad)} unreadable skipped" + "".join(f"\n  {p}: {why}" for p, why in bad[:5]))
+          f"{len(bad)} unreadable skipped" + "".join(f"\n  {_printable(p)}: {_printable(why)}" for p, why in bad[:5]))
     if report["manifest_unmatched"]:
         print(f"{report['manifest_unmatched']} manifest rows name no image in {args.gallery_dir} (ignored)")
     if old is not None and not report["added"]:
@@ -639,10 +645,12 @@ def _cmd_search(args) -> None:
         print(json.dumps(results, indent=2))
     else:
         for res in results:
-            print(f"query {res['query']} (pid {res['pid']}, cam {res['cam'] or '-'}); score = {kind}")
+            cam = _printable(res["cam"] or "-")
+            print(f"query {_printable(res['query'])} (pid {res['pid']}, cam {cam}); score = {kind}")
             print(f"{'rank':>4s} {'score':>9s} {'pid':>6s} {'cam':>6s}  path")
             for r in res["results"]:
-                print(f"{r['rank']:4d} {r['score']:9.4f} {r['pid']:6d} {r['cam'] or '-':>6s}  {r['path']}")
+                cam = _printable(r["cam"] or "-")
+                print(f"{r['rank']:4d} {r['score']:9.4f} {r['pid']:6d} {cam:>6s}  {_printable(r['path'])}")
     if args.html:
         from .viz.search_html import write_search_html
 
@@ -727,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     except (QAConvError, ValueError, FileNotFoundError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = _printable(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         print(f"qaconv {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
