@@ -14,9 +14,7 @@ Typical use, after :func:`qaconv.engine.evaluator.evaluate_dataset` kept its dat
 
 from __future__ import annotations
 
-import hashlib
 import html
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import QAConvError
 from .metrics import per_query
+from .names import safe_stem
 
 THUMB_HEIGHT = 96
 
@@ -130,20 +129,6 @@ def check_report_dir(out_dir) -> Path:
     return out_dir
 
 
-def _slug(name: str) -> str:
-    """A folder name for a test set: its safe base name, plus a short hash of the whole name when that differs
-    (two manifests or folders with one base name get different folders).
-
-    >>> _slug("synth_A"), _slug("a/market") != _slug("b/market")
-    ('synth_A', True)
-    """
-    name = str(name)
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name or name).strip("._") or "testset"
-    if base == name:
-        return base
-    return f"{base}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-
 def _thumb(src: str, dest: Path, height: int = THUMB_HEIGHT) -> None:
     """A JPEG copy of image ``src`` scaled to ``height`` pixels (aspect kept)."""
     from PIL import Image
@@ -239,7 +224,7 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
         rank_by = ([label for label in dists if label != TLIFT_DIRECT] or list(dists))[-1]
     if rank_by not in dists:
         raise QAConvError(f"report: cannot rank by '{rank_by}'; available: {', '.join(map(repr, dists))}")
-    prefix = _slug(data.name)
+    prefix = safe_stem(data.name)
     folder = out_dir / prefix
     dist = np.asarray(dists[rank_by])
     scores = -dist if rank_by == "" else 1.0 - dist
