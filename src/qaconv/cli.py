@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -42,8 +43,8 @@ def _positive(kind, zero: bool = False):
             v = kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{value}'") from None
-        if v < 0 or (v == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {value}")
+        if not math.isfinite(v) or v < 0 or (v == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0 and finite, got {value}")
         return v
 
     return parse
@@ -200,7 +201,7 @@ def _add_post_args(p, d: dict, explicit: bool = False) -> None:
     g.add_argument(
         "--tlift-k", default=d["tlift_k"], type=_positive(int), help="TLift K: pivots per co-occurring group"
     )
-    g.add_argument("--alpha", default=d["alpha"], type=float, help="TLift regulariser")
+    g.add_argument("--alpha", default=d["alpha"], type=_positive(float, zero=True), help="TLift regulariser")
     g.add_argument(
         "--two-stage",
         default=d["two_stage"],
@@ -452,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", default=DEFAULTS["tau"], type=_positive(float), help="TLift co-occurrence window (s)")
     p.add_argument("--sigma", default=DEFAULTS["sigma"], type=_positive(float), help="TLift Gaussian width (s)")
     p.add_argument("--tlift-k", default=DEFAULTS["tlift_k"], type=_positive(int), help="TLift K")
-    p.add_argument("--alpha", default=DEFAULTS["alpha"], type=float, help="TLift regulariser")
+    p.add_argument("--alpha", default=DEFAULTS["alpha"], type=_positive(float, zero=True), help="TLift regulariser")
     p.add_argument("-b", "--batch-size", default=64, type=_positive(int), help="query images per forward pass")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
 
