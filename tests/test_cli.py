@@ -38,7 +38,7 @@ def test_train_help_shows_official_defaults(capsys):
         (["train", "--arch", "resnet7"], "invalid choice"),
         (["train", "--lr", "-1"], "must be > 0"),
         (["search", "q.jpg", "--index", "i", "--checkpoint", "c", "--tau", "nan"], "must be > 0 and finite"),
-        (["search", "q.jpg", "--index", "i", "--checkpoint", "c", "--alpha", "-1e9"], "must be >= 0 and finite"),
+        (["search", "q.jpg", "--index", "i", "--checkpoint", "c", "--alpha=-1e9"], "must be >= 0 and finite"),
         (["train", "--sigma", "inf"], "must be > 0 and finite"),
         (["train", "--batch-size", "many"], "expected a int"),
         (["train", "--ibn", "c"], "invalid choice"),
