@@ -128,5 +128,18 @@ def test_scan_images(tmp_path):
     records = [Record(str(p), 0, 0) for p in [good, *bad, good, bad[0], missing]]
     expected = [str(p) for p in [*bad, missing]]
     assert scan_images(records, progress=False) == expected
-    assert scan_images(records, progress=False, decode=True) == expected
+    assert scan_images(records, progress=False, threads=1) == expected
     assert scan_images([Record(str(good), 0, 0)], progress=True) == []
+
+
+def test_scan_images_decodes_fully(tmp_path):
+    """A noisy JPEG cut at 80 % keeps its header, so PIL's verify() passes it; the scan decodes and flags it."""
+    trunc = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 128, 3), dtype=np.uint8)).save(trunc, quality=95)
+    data = trunc.read_bytes()
+    trunc.write_bytes(data[: int(0.8 * len(data))])
+    with Image.open(trunc) as img:
+        img.verify()
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (8, 16), (10, 20, 30)).save(good)
+    assert scan_images([Record(str(good), 0, 0), Record(str(trunc), 1, 0)], progress=False) == [str(trunc)]

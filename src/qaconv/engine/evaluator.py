@@ -3,6 +3,7 @@ and saved score files."""
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
+from ..data.images import scan_images
 from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
 from ..errors import QAConvError
@@ -240,14 +242,40 @@ def _two_stage(matcher, q, g, cfg: dict, match: dict, name: str, progress: bool)
     return all_gather_rows(scores).numpy()
 
 
+def drop_undecodable(data, strict: bool = False, progress: bool = True):
+    """``data`` with its undecodable query and gallery images left out (a shallow copy; ``data`` itself when
+    every image decodes), each split reported once; with ``strict`` the first one stops the evaluation."""
+    kept = {}
+    for split in ("query", "gallery"):
+        recs = getattr(data, split)
+        bad = scan_images(recs, progress=progress)
+        if bad and strict:
+            raise QAConvError(f"{data.name}: undecodable {split} image {bad[0]} ({len(bad)} in all); "
+                              "fix or remove it, or drop --strict to skip it")
+        if bad and progress:
+            print(f"{data.name}: skipped {len(bad)} undecodable {split} image(s), e.g. {bad[0]}")
+        bad_set = set(bad)
+        kept[split] = [r for r in recs if r.path not in bad_set]
+        if recs and not kept[split]:
+            raise QAConvError(f"{data.name}: no decodable {split} images (e.g. {bad[0]} cannot be read)")
+    if all(len(kept[s]) == len(getattr(data, s)) for s in kept):
+        return data
+    data = copy.copy(data)
+    data.query, data.gallery = kept["query"], kept["gallery"]
+    return data
+
+
 def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out_dir=None, keep: dict | None = None):
     """Metrics per post-processing row ('' = plain QAConv) on one test set, and the seconds taken. A ``keep``
-    dict receives the distance matrices ('dists') and feature maps ('q', 'g'), e.g. for the HTML report.
+    dict receives the distance matrices ('dists'), feature maps ('q', 'g') and the evaluated ``data``, e.g. for the
+    HTML report. Undecodable query/gallery images are left out (reported once per split; ``cfg['strict']``
+    stops instead, see :func:`drop_undecodable`).
 
     In a process group the features and scores are computed in shares and gathered (exactly the
     single-process numbers on every rank); only rank 0 prints and writes."""
     progress = progress and is_main()
     start = time.perf_counter()
+    data = drop_undecodable(data, cfg.get("strict", False), progress)
     not_evaluable = check_evaluable(data.query, data.gallery)
     if not_evaluable and progress:
         print(
@@ -284,7 +312,7 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
     )
     results = {label: evaluate_rank(dist, *ids) for label, dist in rows.items()}
     if keep is not None:
-        keep.update(dists=rows, q=q, g=g)
+        keep.update(dists=rows, q=q, g=g, data=data)
     if cfg.get("save_scores") and out_dir is not None and is_main():
         written = save_scores(out_dir, data, rows, s_qg, cfg.get("rerank_input", "sigmoid"))
         if progress:
@@ -333,7 +361,7 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
             from ..report import report_from_evaluation
 
             try:
-                sections.append(report_from_evaluation(cfg["report"], data, kept, matcher, rows, cfg, progress))
+                sections.append(report_from_evaluation(cfg["report"], kept["data"], kept, matcher, rows, cfg, progress))
             except Exception as exc:  # raised after the table is printed; the other test sets are still evaluated
                 report_error = exc
         del kept
