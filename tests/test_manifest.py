@@ -72,7 +72,12 @@ def test_has_time_false_when_one_time_missing(tmp_path):
     [
         ("path,pid\na.jpg,1\n", r"m\.csv:1: missing required column\(s\) 'camid'"),
         ("path,camid,time\na.jpg,1,2\n", r"m\.csv:1: missing required column\(s\) 'pid'"),
-        ("path,pid,camid\na.jpg,1,0\na.jpg,x7,0\n", r"m\.csv:3: column 'pid' must be an integer, got 'x7'"),
+        ("path,pid,camid\na.jpg,1,0\na.jpg,x7,0\n", r"m\.csv:3: column 'pid' must be an integer.*, got 'x7'"),
+        ("path,pid,camid\na.jpg,100000000000000000000000,0\n", r"m\.csv:2: column 'pid' must be an integer from -1"),
+        ("path,pid,camid\na.jpg,1e23,0\n", r"m\.csv:2: column 'pid' must be an integer from -1.*'1e23'"),
+        ("path,pid,camid\na.jpg,-5,0\n", r"m\.csv:2: column 'pid' must be an integer from -1"),
+        ('path,pid,camid\na.jpg,1,0\n"b.jpg,2,0\nc.jpg,3,0\n', r"m\.csv:3: unbalanced quote \(a quoted field runs"),
+        ("path,pid,camid\na.jpg,1,0\nb.jpg,2,1\na.jpg,1,0\n", r"m\.csv:4: image .*a\.jpg is listed twice \(first"),
         ("path,pid,camid\na.jpg,1.5,0\n", r"m\.csv:2: column 'pid' must be an integer"),
         ("path,pid,camid,time\na.jpg,1,0,noon\n", r"m\.csv:2: column 'time' must be a number of seconds.*'noon'"),
         ("path,pid,camid,time\na.jpg,1,0,nan\n", r"m\.csv:2: column 'time'"),

@@ -69,8 +69,12 @@ def load_manifest(csv_path: str | Path, name: str | None = None) -> ReidDataset:
                 )
             idx = {c: cols.index(c) for c in (*REQUIRED, "time", "split") if c in cols}
             rows = []
+            start = reader.line_num + 1
             for fields in reader:
                 line = reader.line_num
+                if any("\n" in f or "\r" in f for f in fields):  # a quote left open swallows the next lines
+                    raise QAConvError(f"{csv_path}:{start}: unbalanced quote (a quoted field runs to line {line})")
+                start = line + 1
                 if not any(f.strip() for f in fields):
                     continue
                 rows.append((line, fields))
@@ -93,7 +97,11 @@ def load_manifest(csv_path: str | Path, name: str | None = None) -> ReidDataset:
         try:
             pid = int(pid_s)
         except ValueError:
-            raise QAConvError(f"{csv_path}:{line}: column 'pid' must be an integer, got {pid_s!r}") from None
+            pid = None
+        if pid is None or not -1 <= pid < 2**31:
+            raise QAConvError(
+                f"{csv_path}:{line}: column 'pid' must be an integer from -1 (junk) to {2**31 - 1}, got {pid_s!r}"
+            )
         camid = cell(line, fields, "camid")
         time = None
         if "time" in idx:
@@ -121,6 +129,11 @@ def load_manifest(csv_path: str | Path, name: str | None = None) -> ReidDataset:
 
     if not parsed:
         raise QAConvError(f"{csv_path}: manifest has a header but no rows")
+    first_line: dict[str, int] = {}
+    for line, p, *_ in parsed:
+        if p in first_line:
+            raise QAConvError(f"{csv_path}:{line}: image {p} is listed twice (first on line {first_line[p]})")
+        first_line[p] = line
     missing_files = [(line, p) for line, p, *_ in parsed if not Path(p).is_file()]
     if missing_files:
         shown = "; ".join(f"{csv_path}:{line}: {p}" for line, p in missing_files[:3])
