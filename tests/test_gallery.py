@@ -401,3 +401,106 @@ def test_html_escapes_text_and_marks_missing_images(tiny_domain, tmp_path):
     assert "a&amp;b &lt;x&gt;.jpg" in page and "<x>" not in page
     assert page.count("<img ") == 2 and page.count("image missing") == 1
     assert sorted(p.name for p in (tmp_path / "r_files").iterdir()) == ["g0.png", "q0.png"]
+
+
+# -- non-finite features and crafted index fields ---------------------------------------------------------------
+class _NaNExtractor:
+    """The real extractor, but rows ``bad`` (within each call) of its maps become NaN."""
+
+    def __init__(self, inner, bad):
+        self.inner, self.bad = inner, bad
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, images):
+        maps = self.inner(images).clone()
+        maps[[r for r in self.bad if r < len(maps)]] = torch.nan
+        return maps
+
+
+def _small_folder(tiny_domain, dest, n):
+    dest.mkdir()
+    for p in sorted((tiny_domain / "bounding_box_test").iterdir())[:n]:
+        shutil.copy(p, dest / p.name)
+    return sorted(p.name for p in dest.iterdir())
+
+
+def test_build_and_append_refuse_nan_features(tiny_domain, extractor, ckpts, tmp_path):
+    names = _small_folder(tiny_domain, tmp_path / "g", 5)
+    stub = _NaNExtractor(extractor, bad=[1, 3])
+    with pytest.raises(QAConvError) as info:
+        gal.build_index(tmp_path / "g", stub, ckpts[0], progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and "non-finite" in msg and "2 of 5 images" in msg
+    assert names[1] in msg and names[3] in msg and names[0] not in msg
+    first, _ = gal.build_index(tmp_path / "g", extractor, ckpts[0], progress=False)
+    (tmp_path / "g" / "extra.png").write_bytes((tmp_path / "g" / names[0]).read_bytes())
+    with pytest.raises(QAConvError, match=r"non-finite features .* 1 of 1 images \(e\.g\. extra\.png\)"):
+        gal.append_index(first, tmp_path / "g", _NaNExtractor(extractor, bad=[0]), ckpts[0], progress=False)
+    grown, rep = gal.append_index(first, tmp_path / "g", extractor, ckpts[0], progress=False)
+    assert rep["added"] == 1 and np.isfinite(grown.features.astype(np.float32)).all()
+
+
+def _crafted(built, tmp_path, **changes):
+    """Save the valid fixture index with some fields replaced, as np.savez writes them."""
+    path = gal.save_index(built[0], tmp_path / "ok.idx")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    out = tmp_path / "crafted.npz"
+    np.savez(out, **arrays)
+    return out
+
+
+def _load_error(path):
+    with pytest.raises(QAConvError) as info:
+        gal.load_index(path)
+    msg = str(info.value)
+    assert "\n" not in msg and "rebuild" in msg
+    return msg
+
+
+def test_load_refuses_non_finite_features_and_pooled(built, tmp_path):
+    index = built[0]
+    feats, pooled = index.features.copy(), index.pooled.copy()
+    feats[[2, 5], 0, 0, 0] = np.nan
+    feats[7, 1, 1, 1] = np.inf
+    msg = _load_error(_crafted(built, tmp_path, features=feats))
+    assert f"field 'features' holds NaN/inf for 3 of {len(index)} images" in msg
+    assert all(index.paths[i] in msg for i in (2, 5, 7))
+    pooled[4, 0] = -np.inf
+    msg = _load_error(_crafted(built, tmp_path, pooled=pooled))
+    assert f"field 'pooled' holds NaN/inf for 1 of {len(index)} images (e.g. {index.paths[4]})" in msg
+    gal.load_index(_crafted(built, tmp_path))  # unchanged: loads
+
+
+def _market_row(index):
+    return int(np.flatnonzero(index.time_sources == 1)[0])
+
+
+@pytest.mark.parametrize("field, make, expected", [
+    ("feature_shape", lambda ix: np.array(5, dtype=np.int64), '3 positive integers'),  # 0-d
+    ("feature_shape", lambda ix: np.array([ix.feature_shape[0], 0, 3], dtype=np.int64), '3 positive integers'),
+    ("pids", lambda ix: ix.pids.astype(str), 'integers, got <U'),  # string pids
+    ("paths", lambda ix: ix.paths[:0], 'non-empty [N]'),  # empty index
+    ("paths", lambda ix: np.concatenate((ix.paths[:-1], ix.paths[:1])), 'distinct'),  # a repeated path
+    ("cams", lambda ix: np.where(ix.cams == 0, -3, ix.cams), '(-1 = unknown), got -3'),  # negative camera other than -1
+    ("cams", lambda ix: np.where(ix.cams == 0, 1, ix.cams), 'one id per camera label'),  # two labels, one id
+    ("times", lambda ix: np.where(np.arange(len(ix)) == _market_row(ix), np.nan, ix.times),
+     'there is a time'),  # NaN, yet a source
+    ("times", lambda ix: np.where(np.isnan(ix.times), 3.0, ix.times), 'there is a time'),  # time, no source
+    ("time_sources", lambda ix: np.full(len(ix), 7, dtype=np.int8), 'got [7]'),
+    ("sessions", lambda ix: np.where(np.arange(len(ix)) == _market_row(ix), -1, ix.sessions), 'Market name'),
+    ("frames", lambda ix: ix.frames[:-1], 'shape (53,)'),  # wrong length
+    ("cam_labels", lambda ix: np.where(ix.cam_labels == "c1", "x9", ix.cam_labels), "'cN'"),  # no cN for a name time
+    ("features", lambda ix: ix.features.astype(np.float32), 'float16 ['),
+    ("features", lambda ix: ix.features[:, :, :1], 'float16 ['),
+    ("pooled", lambda ix: ix.pooled * 2, 'unit-norm'),
+    ("pooled", lambda ix: ix.pooled.astype(np.float64), 'float32 ['),
+    ("model_hash", lambda ix: np.array("abc"), 'SHA-256'),
+    ("root", lambda ix: np.array([1, 2]), 'a string'),
+])
+def test_load_names_the_invalid_field(built, tmp_path, field, make, expected):
+    msg = _load_error(_crafted(built, tmp_path, **{field: make(built[0])}))
+    assert f"field '{field}' must be" in msg and expected in msg

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
@@ -38,7 +39,17 @@ from .data.images import read_rgb
 from .data.market import IMAGE_SUFFIXES
 from .engine.checkpoint import atomic_write
 from .errors import QAConvError
-from .gallery_meta import TIME_NAME, ImageMeta, assign_cam_ids, market_times, parse_name, read_gallery_manifest
+from .gallery_meta import (
+    TIME_MANIFEST,
+    TIME_NAME,
+    TIME_NONE,
+    UNKNOWN,
+    ImageMeta,
+    assign_cam_ids,
+    market_times,
+    parse_name,
+    read_gallery_manifest,
+)
 from .matching import Matcher
 from .models.pooled import PooledCosine
 from .search import pooled_candidates
@@ -132,6 +143,14 @@ def _try_read(path: Path):
         return str(exc).split(": ", 1)[-1] or "unreadable"
 
 
+def _check_finite_rows(ok: np.ndarray, paths, what: str, advice: str) -> None:
+    """Raise naming the count and a few paths of the rows where ``ok`` is False."""
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        eg = ", ".join(str(paths[i]) for i in bad[:3])
+        raise QAConvError(f"{what} {len(bad)} of {len(ok)} images (e.g. {eg}); {advice}")
+
+
 def _extract(extractor, root: Path, rel: list[str], workers: int, progress: bool):
     """(fp16 maps [n_ok, C, h, w], pooled [n_ok, C], kept relative paths, [(path, reason)] unreadable)."""
     feats = pooled = None
@@ -147,8 +166,9 @@ def _extract(extractor, root: Path, rel: list[str], workers: int, progress: bool
             if not good:
                 continue
             maps = extractor([im for _, im in good]).half()
-            if not torch.isfinite(maps).all():
-                raise QAConvError(f"non-finite feature values (float16 overflow?) in the batch starting at {chunk[0]}")
+            _check_finite_rows(maps.flatten(1).isfinite().all(1).numpy(), [p for p, _ in good],
+                               "the model gave non-finite features (NaN/inf, or float16 overflow) for",
+                               "check the checkpoint")
             if feats is None:
                 feats = np.empty((len(rel), *maps.shape[1:]), dtype=np.float16)
                 pooled = np.empty((len(rel), maps.shape[1]), dtype=np.float32)
@@ -263,15 +283,73 @@ def load_index(path: str | Path) -> GalleryIndex:
             raise QAConvError(f"{path} is corrupt or not a qaconv gallery index (it is no .npz of arrays)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QAConvError(f"{path} is corrupt or not a qaconv gallery index ({first})") from None
+    return _validated(data, path)
+
+
+def _validated(data: dict, path) -> GalleryIndex:
+    """The :class:`GalleryIndex` of loaded arrays, each field checked; one-line error naming the bad field."""
+
+    def bad(name, expected, got=None):
+        got = got if got is not None else f"{data[name].dtype} array of shape {data[name].shape}"
+        raise QAConvError(f"index {path} is invalid: field '{name}' must be {expected}, got {got}; rebuild it")
+
     for key in ("root", "model_checkpoint", "model_hash"):
+        if data[key].ndim != 0 or data[key].dtype.kind != "U":
+            bad(key, "a string")
         data[key] = str(data[key])
-    data["feature_shape"] = tuple(int(s) for s in data["feature_shape"])
-    index = GalleryIndex(**data)
-    n = len(index.paths)
-    if any(len(getattr(index, f.name)) != n for f in fields(GalleryIndex) if isinstance(data[f.name], np.ndarray)) \
-            or tuple(index.features.shape[1:]) != index.feature_shape:
-        raise QAConvError(f"index {path} is inconsistent (array lengths or feature shape differ); rebuild it")
-    return index
+    if not re.fullmatch(r"[0-9a-f]{64}", data["model_hash"]):
+        bad("model_hash", "a SHA-256 hex digest", repr(data["model_hash"][:80]))
+    shape = data["feature_shape"]
+    if shape.shape != (3,) or shape.dtype.kind not in "iu" or (shape < 1).any():
+        bad("feature_shape", "3 positive integers (C, h, w)", f"{shape.dtype} {shape.tolist()}")
+    data["feature_shape"] = tuple(int(s) for s in shape)
+    paths = data["paths"]
+    if paths.ndim != 1 or paths.dtype.kind != "U" or len(paths) == 0:
+        bad("paths", "a non-empty [N] array of relative paths")
+    if (paths == "").any() or len(np.unique(paths)) != len(paths):
+        bad("paths", "distinct non-empty paths", "an empty or repeated path")
+    n = len(paths)
+    kinds = {"pids": "iu", "cams": "iu", "sessions": "iu", "frames": "iu", "time_sources": "iu",
+             "cam_labels": "U", "times": "f"}
+    for name, kind in kinds.items():
+        if data[name].shape != (n,) or data[name].dtype.kind not in kind:
+            bad(name, f"[{n}] {'strings' if kind == 'U' else 'integers' if kind == 'iu' else 'floats'}")
+    for name in ("cams", "sessions", "frames"):
+        if (data[name] < UNKNOWN).any():
+            bad(name, f">= {UNKNOWN} ({UNKNOWN} = unknown)", f"{int(data[name].min())}")
+    if ((data["cams"] == UNKNOWN) != (data["cam_labels"] == "")).any():
+        bad("cams", f"{UNKNOWN} exactly where 'cam_labels' is empty", "a mismatch")
+    pairs = {(lab, c) for lab, c in zip(data["cam_labels"].tolist(), data["cams"].tolist(), strict=True) if lab}
+    if len({lab for lab, _ in pairs}) != len(pairs) or len({c for _, c in pairs}) != len(pairs):
+        bad("cams", "one id per camera label", "a label with several ids or an id with several labels")
+    src, times = data["time_sources"], data["times"]
+    if not np.isin(src, (TIME_NONE, TIME_NAME, TIME_MANIFEST)).all():
+        bad("time_sources", f"{TIME_NONE} (none), {TIME_NAME} (name) or {TIME_MANIFEST} (manifest)",
+            f"{sorted(set(src.tolist()) - {TIME_NONE, TIME_NAME, TIME_MANIFEST})}")
+    if not np.isfinite(times[src != TIME_NONE]).all() or not np.isnan(times[src == TIME_NONE]).all():
+        bad("times", "finite seconds where 'time_sources' says there is a time, NaN elsewhere",
+            f"{int((~np.isfinite(times[src != TIME_NONE])).sum() + (~np.isnan(times[src == TIME_NONE])).sum())}"
+            " rows that break this")
+    named = src == TIME_NAME
+    for name in ("sessions", "frames"):
+        if (data[name][named] < 0).any():
+            bad(name, "numbers >= 0 where the time comes from a Market name", "a negative one")
+    if not all(re.fullmatch(r"c\d+", lab) for lab in data["cam_labels"][named].tolist()):
+        bad("cam_labels", "'cN' for Market-name times", "another label")
+    feats, pooled, (c, h, w) = data["features"], data["pooled"], data["feature_shape"]
+    if feats.dtype != np.float16 or feats.shape != (n, c, h, w):
+        bad("features", f"float16 [{n}, {c}, {h}, {w}] maps")
+    if pooled.dtype != np.float32 or pooled.shape != (n, c):
+        bad("pooled", f"float32 [{n}, {c}] vectors")
+    ok = np.concatenate([np.isfinite(feats[g : g + GALLERY_BLOCK]).reshape(-1, c * h * w).all(1)
+                         for g in range(0, n, GALLERY_BLOCK)])
+    _check_finite_rows(ok, paths, f"index {path} is invalid: field 'features' holds NaN/inf for", "rebuild it")
+    _check_finite_rows(np.isfinite(pooled).all(1), paths, f"index {path} is invalid: field 'pooled' holds NaN/inf for",
+                       "rebuild it")
+    norms = np.linalg.norm(pooled, axis=1)
+    if not ((np.abs(norms - 1) < 1e-3) | (norms == 0)).all():
+        bad("pooled", "unit-norm vectors", f"norms from {norms.min():.4g} to {norms.max():.4g}")
+    return GalleryIndex(**data)
 
 
 # -- search ---------------------------------------------------------------------------------------------------
