@@ -283,3 +283,24 @@ def test_search_prints_file_names_with_escape_sequences_safely(tiny_domain, tmp_
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
     assert "\\x1b[2J\\x1b]0;pwned\\x07.jpg" in out  # shown, escaped, in the query line and the result rows
+
+
+def test_evaluate_skips_an_undecodable_gallery_image_or_stops_with_strict(tiny_domain, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    assert _train_tiny(tiny_domain, run) == 0
+    data = tmp_path / "data" / "broken"
+    shutil.copytree(tiny_domain, data)
+    victim = sorted((data / "bounding_box_test").glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) * 4 // 5])  # truncated at 80 %
+    argv = ["evaluate", "--checkpoint", str(run), "--testsets", "broken", "--data-dir", str(data.parent),
+            "--workers", "0", "--device", "cpu"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 undecodable gallery image" in out and victim.name in out and "rank-1" in out
+    assert main([*argv, "--strict"]) == 1
+    err = capsys.readouterr().err.strip()  # (progress bars of the scan come first on stderr)
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("qaconv evaluate: error:") and victim.name in last

@@ -395,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_args(p, DEFAULTS)
     _add_post_args(p, DEFAULTS)
+    _switch(p, "--strict", "stop at the first undecodable query or gallery image instead of skipping it")
     p.set_defaults(rerank_input=None)  # the checkpoint's recipe decides
 
     p = sub.add_parser("match", formatter_class=FORMATTER, help="draw which parts of two images matched")
@@ -534,6 +535,7 @@ def _cmd_evaluate(args) -> None:
         device=args.device,
         fea_batch=args.fea_batch,
         match_memory=args.match_memory,
+        strict=args.strict,
         **{k: getattr(args, k) for k in POST_KEYS if getattr(args, k) is not None},
     )
     cfg = from_dict(cfg, strict=False).validate().to_dict()
