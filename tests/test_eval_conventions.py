@@ -239,3 +239,20 @@ def test_report_explains_the_rows_present():
     assert "unofficial" not in page
     page = render_html([], {"toy": r, f"toy {TLIFT_DIRECT}": r})
     assert "not part of the official protocol" in page and "QAConv+RR:" not in page
+
+
+def test_score_files_of_path_named_test_sets_stay_in_out_dir_and_never_collide(tmp_path):
+    from types import SimpleNamespace
+
+    from qaconv.data.records import Record
+    from qaconv.engine.evaluator import save_scores
+
+    recs = [Record(str(tmp_path / "img.jpg"), 1, 0, None)]
+    out = tmp_path / "out"
+    written = []
+    for name in (str(tmp_path / "a" / "set.csv"), str(tmp_path / "b" / "set.csv"), "../../escape"):
+        data = SimpleNamespace(name=name, query=recs, gallery=recs)
+        written += save_scores(out, data, {"": np.zeros((1, 1))}, np.zeros((1, 1)))
+    assert len({p.name for p in written}) == 6  # three test sets, two files each, no name shared
+    assert all(p.resolve().parent == out.resolve() for p in written)  # nothing outside out_dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # and nothing next to the data

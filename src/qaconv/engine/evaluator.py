@@ -18,6 +18,7 @@ from ..data.validate import check_evaluable
 from ..errors import QAConvError
 from ..matching import pick_device
 from ..metrics import RankResult, evaluate_rank
+from ..names import safe_stem
 from .distributed import (
     all_gather_rows,
     extract_features_sharded,
@@ -192,13 +193,15 @@ def score_arrays(rows: dict[str, np.ndarray], logits: np.ndarray, data, conventi
 
 def save_scores(out_dir, data, rows: dict[str, np.ndarray], logits: np.ndarray, convention: str = "sigmoid"):
     """Write ``NAME_score.mat`` (the official layout, per-image arrays as [N, 1] columns) and ``NAME_scores.npz``
-    (see :func:`score_arrays`) into ``out_dir``; returns both paths."""
+    (see :func:`score_arrays`) into ``out_dir``, NAME made safe by :func:`qaconv.names.safe_stem` (a path-named
+    test set never writes outside ``out_dir``, two with one base name never collide); returns both paths."""
     from scipy.io import savemat
 
     mat, npz = score_arrays(rows, logits, data, convention)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mat_path, npz_path = out_dir / f"{data.name}_score.mat", out_dir / f"{data.name}_scores.npz"
+    stem = safe_stem(data.name)  # a test set named by a path still writes inside out_dir, under its own name
+    mat_path, npz_path = out_dir / f"{stem}_score.mat", out_dir / f"{stem}_scores.npz"
     savemat(mat_path, mat, oned_as="column", do_compression=True)
     np.savez_compressed(npz_path, **npz)
     return [mat_path, npz_path]
