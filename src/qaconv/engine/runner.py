@@ -15,7 +15,7 @@ from ..matching import pick_device
 from ..models import build_backbone, build_matcher
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, from_dict
-from .distributed import init_from_env, is_main, main_first
+from .distributed import barrier, init_from_env, is_main, main_first
 from .evaluator import POST_DEFAULTS, evaluate
 from .trainer import CHECKPOINT, Trainer, append_jsonl
 
@@ -137,7 +137,8 @@ def train(
             print(f"resuming with the saved configuration; ignoring changed options {sorted(changed)}")
         cfg = from_dict({**saved, **{k: cfg[k] for k in RUNTIME_KEYS}}).validate().to_dict()
     else:
-        _check_new_run(out, overwrite)
+        _check_new_run(out, overwrite)  # every rank looks at the same files, rank 0 removes them
+        barrier()  # ... and none writes before every rank has looked (or a rank would see rank 0's new config)
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
