@@ -504,3 +504,15 @@ def _market_row(index):
 def test_load_names_the_invalid_field(built, tmp_path, field, make, expected):
     msg = _load_error(_crafted(built, tmp_path, **{field: make(built[0])}))
     assert f"field '{field}' must be" in msg and expected in msg
+
+
+def test_search_refuses_non_finite_query_maps(timed_index, extractor, tiny_domain):
+    queries = _queries(tiny_domain, n=3)
+    q = extractor(queries).clone()
+    q[1, 0, 0, 0] = float("nan")
+    for search in (
+        lambda: gal.search_index(timed_index, q, extractor.matcher, k=3, device="cpu"),
+        lambda: gal.tlift_search(timed_index, q, extractor.matcher, [0, 0, 0], [1.0, 2.0, 3.0], k=3, device="cpu"),
+    ):
+        with pytest.raises(QAConvError, match=r"query feature maps for 1 of 3 images \(e.g. query 1\)"):
+            search()

@@ -627,6 +627,7 @@ def _cmd_search(args) -> None:
     extractor = FeatureExtractor(args.checkpoint, device=args.device, batch_size=args.batch_size)
     gal.check_model(index, gal.model_identity(extractor, args.checkpoint))
     maps = extractor([str(q) for q in queries])
+    gal.check_query_maps(maps, [_printable(q) for q in queries])
     n = len(queries)
     cams = _split_values(args.query_cam, n, str, "query-cam") if args.query_cam else None
     times = _split_values(args.query_time, n, float, "query-time") if args.query_time else None

@@ -364,6 +364,14 @@ def shortlist(index: GalleryIndex, query_maps: torch.Tensor, candidates: int, de
     return pooled_candidates(eq, eg, candidates, device=device, use_faiss=use_faiss)[1].numpy()
 
 
+def check_query_maps(query_maps: torch.Tensor, names=None) -> None:
+    """Refuse query feature maps with NaN/inf (they would score NaN against every gallery image), naming the
+    queries (``names``, default their row numbers)."""
+    ok = torch.isfinite(query_maps.detach().reshape(len(query_maps), -1)).all(dim=1).cpu().numpy()
+    names = [f"query {i}" for i in range(len(ok))] if names is None else list(names)
+    _check_finite_rows(ok, names, "non-finite (NaN/inf) query feature maps for", "check the checkpoint and the images")
+
+
 def search_index(index: GalleryIndex, query_maps: torch.Tensor, matcher, k: int = 10, candidates: int = 100,
                  exhaustive: bool = False, device=None, memory: int | None = None, use_faiss=None):
     """Top-``k`` gallery rows per query: ``(logits [Q, k] float32, rows [Q, k] int64)`` numpy, best first.
@@ -377,6 +385,7 @@ def search_index(index: GalleryIndex, query_maps: torch.Tensor, matcher, k: int 
         raise QAConvError(f"top and candidates must be >= 1, got {k} and {candidates}")
     if tuple(query_maps.shape[1:]) != index.feature_shape:
         raise QAConvError(f"query maps {tuple(query_maps.shape[1:])} differ from the index's {index.feature_shape}")
+    check_query_maps(query_maps)
     engine = Matcher(matcher.eval(), device, memory=memory)
     q = query_maps.float()
     if exhaustive or candidates >= num_g:
@@ -421,6 +430,7 @@ def tlift_search(index: GalleryIndex, query_maps: torch.Tensor, matcher, q_cams,
     q_cams, q_times = np.asarray(q_cams, dtype=np.int64), np.asarray(q_times, dtype=np.float64)
     if len(q_cams) != len(query_maps) or len(q_times) != len(query_maps) or not np.isfinite(q_times).all():
         raise QAConvError("TLift needs a camera and a time stamp for every query")
+    check_query_maps(query_maps)
     num_g = len(index)
     cols = np.arange(num_g) if exhaustive or candidates >= num_g else \
         np.unique(shortlist(index, query_maps, min(candidates, num_g), device=device, use_faiss=use_faiss))
