@@ -110,6 +110,10 @@ def main(root: Path, out: Path) -> None:
     torch.save(state, out / f"final_rank{rank}.pt")
     results = {k: v.to_dict() for k, v in run["results"].items()}
     (out / f"results_rank{rank}.json").write_text(json.dumps(results))
+    # the same two epochs without the interruption: resuming under torchrun must give the very same weights
+    straight = train(make_cfg(root, out / "straight"), progress=False)
+    torch.save({"model": straight["model"].state_dict(), "matcher": straight["matcher"].state_dict()},
+               out / f"straight_rank{rank}.pt")
 
     # two-stage evaluation: each rank re-scores its share of the queries, the rows are gathered
     from qaconv.data.registry import load_dataset

@@ -106,9 +106,11 @@ def test_ddp_steps_equal_single_process_steps_on_the_global_batches(two_ranks, t
 def test_two_rank_run_resumes_and_only_rank0_writes(two_ranks, tiny_domain, tmp_path, one_thread):
     out, stdouts = two_ranks
     r0, r1 = torch.load(out / "final_rank0.pt"), torch.load(out / "final_rank1.pt")
+    straight = torch.load(out / "straight_rank0.pt")
     for part in ("model", "matcher"):
         for name, value in r0[part].items():
             assert torch.equal(value, r1[part][name]), (part, name)  # identical weights on both ranks
+            assert torch.equal(value, straight[part][name]), (part, name)  # resume is exact under torchrun too
     # rank 0 alone wrote the log and checkpoint: every epoch once, both data rows (start and resume)
     rows = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
     assert [r["epoch"] for r in rows if r["type"] == "epoch"] == [1, 2]
