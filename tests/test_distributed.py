@@ -225,3 +225,50 @@ def test_docstring_examples():
     import doctest
 
     assert doctest.testmod(ddp).failed == 0
+
+
+def test_sigkill_of_rank1_under_torchrun_then_resume_is_exact(tiny_domain, tmp_path):
+    """The hostile test's case: 2 CPU processes under torchrun, rank 1 killed (SIGKILL) after epoch 1, then
+    --resume: the final weights equal those of the uninterrupted run, bitwise (defaults otherwise: train-mode
+    backbone BN from random init, augmentation)."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(qaconv.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    args = ["--dataset", str(tiny_domain), "--data-dir", str(tiny_domain.parent), "--testsets", "", "--arch",
+            "resnet18", "--ibn", "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--max-epochs", "3", "--step-factor", "10",
+            "--lr", "0.02", "--margin", "2"]  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "qaconv",
+           "train"]  # fmt: skip
+
+    def torchrun(out, *extra, **kw):
+        return subprocess.Popen([*run, "-o", str(out), *args, *extra], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, **kw)  # fmt: skip
+
+    assert torchrun(tmp_path / "straight").wait(timeout=300) == 0
+    killed = torchrun(tmp_path / "killed")
+    metrics, deadline = tmp_path / "killed" / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and '"epoch": 1' in metrics.read_text()):
+        assert killed.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    rank1 = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"LOCAL_RANK=1" in environ and str(tmp_path / "killed").encode() in cmdline:
+            rank1.append(int(pid))
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGKILL)
+    assert killed.wait(timeout=300) != 0
+    assert torchrun(tmp_path / "killed", "--resume").wait(timeout=300) == 0
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for part in ("model", "matcher"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), (part, name)
