@@ -250,3 +250,26 @@ def test_augmentation_switches_on_after_the_accuracy_threshold(tiny_domain, tmp_
     last = _tiny_trainer(tiny_domain, tmp_path, augment="flip-occlusion", augment_after_acc=0.6)
     last.schedule.final_epochs, last.epoch = 3, 3
     assert not last._switch_augmentation(0.99)  # never after the last epoch
+
+
+def test_resume_keeps_the_saved_run_options_unless_given(tiny_domain, tmp_path):
+    """A run trained with --testsets '' resumes without generating or evaluating synth_B (the default)."""
+    from qaconv.engine.runner import train
+
+    run = tmp_path / "run"
+    cfg = resolve_config("2.1", dict(dataset=str(tiny_domain), data_dir=str(tiny_domain.parent), out_dir=str(run),
+                                     arch="resnet18", ibn=None, pretrained=None, height=64, width=32, workers=0,
+                                     device="cpu", fea_batch=16, match_memory=1, testsets="", batch_size=8, neck=16,
+                                     margin=2, max_epochs=2))  # fmt: skip
+
+    def stop(epoch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, on_epoch_end=stop)
+    # the command line names neither --testsets nor --data-dir: the saved '' and data folder hold
+    assert main(["train", "-o", str(run), "--resume", "--workers", "0"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["testsets"] == "" and saved["data_dir"] == str(tiny_domain.parent) and saved["device"] == "cpu"
+    assert not any(r["type"] == "eval" for r in _rows(run))
+    assert not (tiny_domain.parent / "synth_B").exists() and not (tmp_path / "data").exists()

@@ -519,7 +519,7 @@ def _cmd_train(args) -> None:
         from .report import check_report_dir
 
         check_report_dir(cfg.report)  # fail before training
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, given=set(overrides))
 
 
 def _cmd_evaluate(args) -> None:

@@ -111,13 +111,20 @@ def _check_new_run(out: Path, overwrite: bool) -> None:
 
 
 def train(
-    cfg: TrainConfig | dict, resume: bool = False, progress: bool = True, on_epoch_end=None, overwrite: bool = False
+    cfg: TrainConfig | dict,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end=None,
+    overwrite: bool = False,
+    given: set[str] | None = None,
 ) -> dict:
     """Train per ``cfg`` (a :class:`TrainConfig`, or a dict of its fields) into its ``out_dir`` and evaluate on
     its test sets; returns a summary. The configuration is validated as a whole (test sets included) first.
 
-    A new run (no ``resume``) into a folder that holds a run is refused unless ``overwrite``, which removes
-    the old run's checkpoint, config and metrics first. Under torchrun (``WORLD_SIZE`` > 1) every process
+    With ``resume`` the saved configuration holds; of the run-time options (workers, device, test sets, data
+    folder, post-processing) those in ``given`` (the options the command line named; default: all) replace
+    the saved ones. A new run (no ``resume``) into a folder that holds a run is refused unless ``overwrite``,
+    which removes the old run's checkpoint, config and metrics first. Under torchrun (``WORLD_SIZE`` > 1) every process
     joins the group and trains its share (DDP)."""
     config = cfg if isinstance(cfg, TrainConfig) else from_dict(cfg)
     cfg = config.validate(check_datasets=True).to_dict()
@@ -135,7 +142,8 @@ def train(
         changed = {k: v for k, v in cfg.items() if saved[k] != v and k in MODEL_KEYS}
         if changed and progress:
             print(f"resuming with the saved configuration; ignoring changed options {sorted(changed)}")
-        cfg = from_dict({**saved, **{k: cfg[k] for k in RUNTIME_KEYS}}).validate().to_dict()
+        runtime = [k for k in RUNTIME_KEYS if given is None or k in given]
+        cfg = from_dict({**saved, **{k: cfg[k] for k in runtime}}).validate().to_dict()
     else:
         _check_new_run(out, overwrite)  # every rank looks at the same files, rank 0 removes them
         barrier()  # ... and none writes before every rank has looked (or a rank would see rank 0's new config)
