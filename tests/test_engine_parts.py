@@ -108,3 +108,33 @@ def test_pairwise_scores_chunks_equal_direct():
     direct = _Dot()(prob, gal)
     chunked = pairwise_scores(_Dot(), prob, gal, prob_batch=3, gal_batch=4, device="cpu")
     torch.testing.assert_close(chunked, direct)
+
+
+def test_a_failed_write_keeps_the_old_file_and_says_why(tmp_path):
+    import errno
+
+    from qaconv.engine.checkpoint import atomic_write
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"epoch": 1}, path)
+    old = path.read_bytes()
+
+    def disk_full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(QAConvError, match=r"cannot write .*checkpoint\.pt: No space left on device; the previous"):
+        atomic_write(path, disk_full)
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    from qaconv.engine.checkpoint import remove_stale_temp
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"epoch": 1}, path)
+    for name in ("checkpoint.pt.ab12.tmp", "checkpoint.pt.zz.tmp"):
+        (tmp_path / name).write_bytes(b"x" * 100)  # what a kill during a checkpoint write leaves
+    (tmp_path / "other.tmp").write_bytes(b"keep")
+    assert [p.name for p in remove_stale_temp(path)] == ["checkpoint.pt.ab12.tmp", "checkpoint.pt.zz.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "other.tmp"]

@@ -159,7 +159,9 @@ def test_kill_between_checkpoint_and_metrics_row_loses_no_row(tiny_domain, tmp_p
         train(cfg, progress=False)
     monkeypatch.setattr(trainer_module, "append_jsonl", real)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    (tmp_path / "run" / "checkpoint.pt.k1ll3d.tmp").write_bytes(b"x" * 1000)  # a kill during a checkpoint write
     train(cfg, resume=True, progress=False)
+    assert not list((tmp_path / "run").glob("*.tmp"))  # cleaned up at the start
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     epochs = [r for r in rows if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2] and epochs[0].get("restored_from_checkpoint")

@@ -31,10 +31,14 @@ def _umask() -> int:
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(file)`` on a temporary file in ``path``'s folder, sync it, then rename it to ``path``:
-    readers see the old file or the complete new one, never a partial write."""
+    readers see the old file or the complete new one, never a partial write. A failed write (a full disk,
+    a read-only folder) leaves the old file as it was and raises one line naming ``path`` and the reason."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise QAConvError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -42,10 +46,22 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+            raise QAConvError(f"cannot write {path}: {reason}; the previous file is unchanged") from None
         raise
     return path
+
+
+def remove_stale_temp(path: str | Path) -> list[Path]:
+    """Delete temporary files that a kill during :func:`atomic_write` of ``path`` left behind; returns them."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(path.name + ".*.tmp")) if path.parent.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

@@ -25,7 +25,7 @@ from ..losses import finite_mean
 from ..matching import pick_device
 from ..models.qaconv import QAConv
 from . import distributed as ddp
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, remove_stale_temp, save_checkpoint
 from .schedule import EpochSchedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -386,6 +386,10 @@ class Trainer:
         """Train until the schedule stops; with ``resume`` continue from ``out_dir``'s checkpoint."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.out_dir / CHECKPOINT
+        if self.rank == 0:  # a kill during an earlier checkpoint write left these
+            for p in remove_stale_temp(ckpt_path):
+                if self.progress:
+                    print(f"removed {p.name}, left by an interrupted checkpoint write")
         metrics = self.out_dir / "metrics.jsonl"
         if resume:  # every rank reads the same checkpoint
             state = load_checkpoint(ckpt_path, map_location=self.device)
