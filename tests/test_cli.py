@@ -304,3 +304,32 @@ def test_evaluate_skips_an_undecodable_gallery_image_or_stops_with_strict(tiny_d
     err = capsys.readouterr().err.strip()  # (progress bars of the scan come first on stderr)
     last = err.splitlines()[-1]
     assert "Traceback" not in err and last.startswith("qaconv evaluate: error:") and victim.name in last
+
+
+def test_broken_checkpoints_are_refused_at_load(tiny_domain, tmp_path, capsys):
+    """An impossible height, a config of the wrong type, NaN weights: one line at load, for every command
+    that loads a model (evaluate, export, match ...), never a traceback or a NaN evaluation or export."""
+    import torch
+
+    from qaconv.engine.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    assert _train_tiny(tiny_domain, run) == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state.pop("format")
+    nan_model = {k: (v.clone().fill_(float("nan")) if k == "neck.weight" else v) for k, v in state["model"].items()}
+    cases = {
+        "height0": ({**state, "config": {**state["config"], "height": 0}}, "invalid model configuration: height must"),
+        "height_str": ({**state, "config": {**state["config"], "height": "tall"}}, "height must be a number"),
+        "config_list": ({**state, "config": ["not", "a", "dict"]}, "expected a mapping"),
+        "nan": ({**state, "model": nan_model}, "non-finite weights (neck.weight)"),
+    }
+    for name, (broken, needle) in cases.items():
+        save_checkpoint(broken, tmp_path / name / "checkpoint.pt")
+        for argv in (["evaluate", "--checkpoint", str(tmp_path / name), "--testsets", "synth_A", *_common(tiny_domain)],
+                     ["export", "--checkpoint", str(tmp_path / name), "--onnx", str(tmp_path / f"{name}.onnx")]):
+            capsys.readouterr()
+            assert main(argv) == 1, (name, argv[0])
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and needle in err, (name, err)
+        assert not (tmp_path / f"{name}.onnx").exists()

@@ -146,20 +146,32 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self, check_datasets: bool = False) -> TrainConfig:
+    def validate(self, check_datasets: bool = False, only: tuple[str, ...] | None = None) -> TrainConfig:
         """Raise one :class:`QAConvError` naming the first bad field (choices, ranges, finiteness, option
-        combinations; with ``check_datasets`` also that the training and test sets can be found)."""
+        combinations; with ``check_datasets`` also that the training and test sets can be found). ``only``:
+        check just these fields' choices, types and ranges (e.g. a checkpoint's model fields)."""
+        for name in only or ():
+            value, default = getattr(self, name), getattr(TrainConfig(), name)
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise QAConvError(f"{name} must be a number, got {value!r}")
         for name, choices in CHOICES.items():
+            if only is not None and name not in only:
+                continue
             if getattr(self, name) not in choices:
                 shown = ", ".join("none" if c is None else str(c).lower() for c in choices)
                 raise QAConvError(f"{name} = {getattr(self, name)!r} is not one of: {shown}")
         for name, (low, high, inclusive) in RANGES.items():
+            if only is not None and name not in only:
+                continue
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise QAConvError(f"{name} must be a finite number, got {value}")
             if value < low or (value == low and not inclusive) or (high is not None and value > high):
                 bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
                 raise QAConvError(f"{name} must be {bound}, got {value}")
+        if only is not None:
+            return self
         if self.sampler in ("graph", "pk"):
             if self.batch_size % self.num_instance or self.batch_size < 2 * self.num_instance:
                 raise QAConvError(

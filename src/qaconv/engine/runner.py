@@ -219,12 +219,21 @@ def load_trained(path: str | Path, device=None) -> tuple[torch.nn.Module, torch.
     state = load_checkpoint(path)
     if any(k not in state for k in ("config", "model", "matcher")):
         raise QAConvError(f"{path} holds no trained model (expected a checkpoint from 'qaconv train')")
-    cfg = from_dict(state["config"], strict=False).to_dict()
+    if not isinstance(state["config"], dict):
+        raise QAConvError(f"{path}: its config is a {type(state['config']).__name__}, expected a mapping of options")
+    try:
+        cfg = from_dict(state["config"], strict=False).validate(only=MODEL_KEYS).to_dict()
+    except (QAConvError, TypeError, ValueError) as exc:
+        raise QAConvError(f"{path}: invalid model configuration: {exc}") from None
     model, matcher = build_model(cfg, load_weights=False)
     try:
         model.load_state_dict(state["model"])
         matcher.load_state_dict(state["matcher"])
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError) as exc:
         raise QAConvError(f"checkpoint {path} does not fit its own config: {str(exc).splitlines()[0]}") from None
+    tensors = [*model.state_dict().items(), *matcher.state_dict().items()]
+    bad = [n for n, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise QAConvError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); it cannot be used")
     dev = pick_device(device)
     return model.to(dev).eval(), matcher.to(dev).eval(), cfg
