@@ -137,3 +137,11 @@ def test_export_without_onnx_says_so(tmp_path, monkeypatch, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--onnx", str(tmp_path / "m.onnx")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the 'onnx' package" in err[0] and "qaconv[onnx]" in err[0]
+
+
+def test_convert_of_a_qaconv_checkpoint_says_so(tmp_path, capsys):
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    _tiny_checkpoint(ckpt)
+    assert main(["convert", str(ckpt), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already a qaconv checkpoint" in err and "neck" not in err

@@ -51,6 +51,11 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict:
         lines = [ln for ln in str(exc).splitlines() if "Unsupported global" in ln] or str(exc).strip().splitlines()
         reason = lines[0].strip() if lines else type(exc).__name__
         raise QAConvError(f"cannot load official checkpoint {path}: {reason}") from None
+    if isinstance(obj, Mapping) and str(obj.get("format", "")).startswith("qaconv-checkpoint"):
+        raise QAConvError(
+            f"{path} is already a qaconv checkpoint (written by 'qaconv train' or 'convert'): use it as it is, "
+            "e.g. qaconv evaluate --checkpoint PATH"
+        )
     if not isinstance(obj, Mapping) or not all(isinstance(obj.get(k), Mapping) for k in ("model", "criterion")):
         found = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else type(obj).__name__
         raise QAConvError(
