@@ -138,3 +138,21 @@ def test_stale_temporary_files_are_removed(tmp_path):
     (tmp_path / "other.tmp").write_bytes(b"keep")
     assert [p.name for p in remove_stale_temp(path)] == ["checkpoint.pt.ab12.tmp", "checkpoint.pt.zz.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "other.tmp"]
+
+
+def test_optimizer_groups_backbone_at_a_tenth_of_the_learning_rate():
+    from qaconv.engine.runner import DEFAULTS, InBatchLoss, build_model
+    from qaconv.engine.trainer import make_optimizer
+    from qaconv.losses import TripletLoss
+
+    cfg = {**DEFAULTS, "arch": "resnet18", "ibn": None, "pretrained": None, "height": 32, "width": 16, "neck": 8}
+    model, matcher = build_model(cfg, load_weights=False)
+    criterion = InBatchLoss(matcher, TripletLoss())
+    opt = make_optimizer(model, criterion, lr=0.02, weight_decay=5e-4, backbone_lr_mult=0.1)
+    by_id = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert by_id.pop(id(p)) == pytest.approx(0.002 if name.startswith("base.") else 0.02), name
+    for p in criterion.parameters():
+        assert by_id.pop(id(p)) == pytest.approx(0.02)
+    assert not by_id  # every parameter in exactly one group, nothing else
+    assert all(g["momentum"] == 0.9 and g["nesterov"] and g["weight_decay"] == 5e-4 for g in opt.param_groups)

@@ -167,3 +167,19 @@ def test_two_stage_scores_exhaustive_when_m_covers_gallery():
     scores, mask = two_stage_scores(head, prob, gal, 6, device="cpu")
     torch.testing.assert_close(scores, Matcher(head, "cpu").scores(prob, gal))
     assert bool(mask.all())
+
+
+@pytest.mark.parametrize("shift", [-1000.0, 1000.0])
+def test_two_stage_tail_stays_below_the_shortlist_whatever_the_logits(shift):
+    """Strongly negative (or positive) logits: the tail must still rank below every shortlisted item."""
+    from qaconv.search import two_stage_scores
+
+    head = _qaconv()
+    with torch.no_grad():
+        head.logit_bn.bias.fill_(shift)
+    prob, gal = _maps(4, 5), _maps(12, 6)
+    scores, mask = two_stage_scores(head, prob, gal, 3, device="cpu")
+    full = Matcher(head, "cpu").scores(prob, gal)
+    assert float(full.max()) < 0 if shift < 0 else float(full.min()) > 0
+    for i in range(len(prob)):
+        assert float(scores[i][~mask[i]].max()) < float(scores[i][mask[i]].min())
