@@ -108,3 +108,15 @@ def test_failing_report_keeps_metrics(run_and_manifest, tiny_domain, tmp_path, c
     evals = [r for r in rows if r.get("type") == "eval"]
     assert [r["testset"] for r in evals] == [csv.name, str(tiny_domain)] and all("mAP" in r for r in evals)
     assert not (tmp_path / "rep" / "index.html").exists()
+
+
+def test_html_in_a_test_set_name_is_escaped_in_the_report(run_and_manifest, tmp_path, capsys):
+    """A test-set name with markup shows as text on the page, never as markup."""
+    run, csv = run_and_manifest
+    evil = csv.with_name("<img src=x onerror=alert(1)><b>x.csv")
+    csv.rename(evil)
+    rep = tmp_path / "rep"
+    assert main(_argv(run, evil, rep)) == 0
+    page = (rep / "index.html").read_text()
+    assert "<img src=x onerror" not in page and "<b>x" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;&lt;b&gt;x" in page
