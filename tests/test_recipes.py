@@ -273,3 +273,11 @@ def test_resume_keeps_the_saved_run_options_unless_given(tiny_domain, tmp_path):
     assert saved["testsets"] == "" and saved["data_dir"] == str(tiny_domain.parent) and saved["device"] == "cpu"
     assert not any(r["type"] == "eval" for r in _rows(run))
     assert not (tiny_domain.parent / "synth_B").exists() and not (tmp_path / "data").exists()
+
+
+def test_train_config_defaults_agree_with_the_evaluator_defaults():
+    """POST_DEFAULTS (the evaluator's options when called directly) and TrainConfig must not drift apart."""
+    from qaconv.engine.evaluator import POST_DEFAULTS
+
+    defaults = TrainConfig().to_dict()
+    assert {k: defaults[k] for k in POST_DEFAULTS} == POST_DEFAULTS

@@ -9,23 +9,28 @@ from dataclasses import asdict, dataclass, fields
 
 from ..data.transforms import AUGMENTS
 from ..errors import QAConvError
+from ..models import MATCHERS
+from ..models.backbone import ARCHS, FINAL_LAYERS, INPUT_NORMS
+from ..models.ibn import IBN_TYPES
+from ..models.qaconv import VERSIONS
 from ..recipes import DEFAULT_RECIPE, RECIPE_KEYS, RECIPES, load_recipe
+from .evaluator import RERANK_INPUTS
 
 CHOICES: dict[str, tuple] = {
     "recipe": RECIPES,
-    "arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
-    "final_layer": ("layer2", "layer3", "layer4"),
-    "ibn": (None, "a", "b"),
-    "input_norm": ("imagenet", "none"),
+    "arch": ARCHS,
+    "final_layer": tuple(FINAL_LAYERS),
+    "ibn": (None, *IBN_TYPES),
+    "input_norm": INPUT_NORMS,
     "pretrained": (None, "imagenet"),
-    "matcher": ("qaconv", "pooled"),
-    "qaconv_version": ("1", "2.1"),
+    "matcher": MATCHERS,
+    "qaconv_version": VERSIONS,
     "loss": ("triplet", "pairwise", "memory"),
     "sampler": ("graph", "pk", "shuffle"),
     "amp": ("auto", "on", "off"),
     "augment": AUGMENTS,
     "freeze_backbone_bn": ("auto", True, False),
-    "rerank_input": ("sigmoid", "logit"),
+    "rerank_input": RERANK_INPUTS,
 }
 
 # (lowest, highest, lowest allowed too) for numbers; every float must also be finite
