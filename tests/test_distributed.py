@@ -35,41 +35,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch_two_ranks(argv: list[str], env: dict, attempts: int = 3) -> list[tuple[int, str, str]]:
+    """Start ``argv`` as ranks 0 and 1 the way torchrun does; returns (exit code, stdout, stderr) per rank.
+
+    The port is chosen here and bound only seconds later by rank 0 (after it imports torch), so another
+    process may take it in between, e.g. as the source port of an outgoing connection: rank 0 then fails
+    with EADDRINUSE ("rank 0 failed" once in a full run, with other test runs on the machine). That case,
+    and only that one, is retried with a new port. A rank that fails stops the other at once instead of
+    leaving it waiting for its peer."""
+    import time
+
+    for attempt in range(attempts):
+        port = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+        procs = [
+            subprocess.Popen(argv, env={**env, **port, "RANK": str(r), "LOCAL_RANK": str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r in range(2)
+        ]  # fmt: skip
+        deadline = time.monotonic() + 300
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+            time.sleep(0.2)
+        outputs = [(p.returncode, *p.communicate()) for p in procs]
+        if all(code == 0 for code, _, _ in outputs):
+            return outputs
+        if not any("EADDRINUSE" in err for _, _, err in outputs) or attempt == attempts - 1:
+            return outputs
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny_domain, tmp_path_factory):
     """Run tests/_ddp_worker.py as ranks 0 and 1; returns its output folder and each rank's stdout."""
     out = tmp_path_factory.mktemp("ddp")
     src = str(Path(qaconv.__file__).parents[1])
-    base = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("_ddp_worker.py")), str(tiny_domain), str(out)],
-            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outputs = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outputs.append((p.returncode, stdout, stderr))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    argv = [sys.executable, str(Path(__file__).with_name("_ddp_worker.py")), str(tiny_domain), str(out)]
+    outputs = _launch_two_ranks(argv, env)
     for r, (code, _, stderr) in enumerate(outputs):
         assert code == 0, f"rank {r} failed:\n{stderr[-3000:]}"
     return out, [o[1] for o in outputs]
+
+
+def test_a_taken_port_is_retried_with_a_new_one(monkeypatch):
+    """The flaky case made to happen: the first port is held by another listener."""
+    holder = socket.socket()
+    holder.bind(("", 0))
+    holder.listen()
+    ports = iter([holder.getsockname()[1], _free_port()])
+    monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: next(ports))
+    code = "import torch.distributed as d; d.init_process_group('gloo'); d.barrier(); print(d.get_rank())"
+    with holder:
+        outputs = _launch_two_ranks([sys.executable, "-c", code], dict(os.environ), attempts=2)
+    assert [(c, o.strip()) for c, o, _ in outputs] == [(0, "0"), (0, "1")]
 
 
 @pytest.fixture
@@ -225,50 +246,3 @@ def test_docstring_examples():
     import doctest
 
     assert doctest.testmod(ddp).failed == 0
-
-
-def test_sigkill_of_rank1_under_torchrun_then_resume_is_exact(tiny_domain, tmp_path):
-    """The hostile test's case: 2 CPU processes under torchrun, rank 1 killed (SIGKILL) after epoch 1, then
-    --resume: the final weights equal those of the uninterrupted run, bitwise (defaults otherwise: train-mode
-    backbone BN from random init, augmentation)."""
-    import signal
-    import time
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(qaconv.__file__).parents[1]), env.get("PYTHONPATH", "")])
-    args = ["--dataset", str(tiny_domain), "--data-dir", str(tiny_domain.parent), "--testsets", "", "--arch",
-            "resnet18", "--ibn", "none", "--pretrained", "none", "--height", "64", "--width", "32", "--neck", "16",
-            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--max-epochs", "3", "--step-factor", "10",
-            "--lr", "0.02", "--margin", "2"]  # fmt: skip
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "qaconv",
-           "train"]  # fmt: skip
-
-    def torchrun(out, *extra, **kw):
-        return subprocess.Popen([*run, "-o", str(out), *args, *extra], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, **kw)  # fmt: skip
-
-    assert torchrun(tmp_path / "straight").wait(timeout=300) == 0
-    killed = torchrun(tmp_path / "killed")
-    metrics, deadline = tmp_path / "killed" / "metrics.jsonl", time.time() + 300
-    while not (metrics.exists() and '"epoch": 1' in metrics.read_text()):
-        assert killed.poll() is None and time.time() < deadline
-        time.sleep(0.1)
-    rank1 = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"LOCAL_RANK=1" in environ and str(tmp_path / "killed").encode() in cmdline:
-            rank1.append(int(pid))
-    assert len(rank1) == 1
-    os.kill(rank1[0], signal.SIGKILL)
-    assert killed.wait(timeout=300) != 0
-    assert torchrun(tmp_path / "killed", "--resume").wait(timeout=300) == 0
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 3
-    for part in ("model", "matcher"):
-        for name, value in a[part].items():
-            assert torch.equal(value, b[part][name]), (part, name)
