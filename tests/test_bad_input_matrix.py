@@ -79,3 +79,57 @@ def test_cuda_without_cuda(files, capsys):
     assert main([a.format(**files) for a in TRAIN[:-4]] + ["--device", "cuda"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CUDA device" in err
+
+
+class _Evil:
+    """Unpickling this would create the file ``marker``: every loader must refuse it unread."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_files(tmp_path):
+    import numpy as np
+
+    marker = tmp_path / "UNPICKLED"
+    evil = _Evil(marker)
+    (tmp_path / "run").mkdir()
+    torch.save({"format": "qaconv-checkpoint-1", "config": {}, "model": evil}, tmp_path / "run" / "checkpoint.pt")
+    torch.save({"state_dict": {"x": evil}}, tmp_path / "official.pth.tar")
+    torch.save({"conv1.weight": evil}, tmp_path / "backbone.pth")
+    with open(tmp_path / "raw.idx", "wb") as f:
+        pickle.dump(evil, f)
+    np.savez(tmp_path / "objects.npz", format=np.array("qaconv-gallery-1"), paths=np.array([evil], dtype=object))
+    return marker
+
+
+def test_malicious_pickles_are_refused_by_every_command(tmp_path, tiny_domain, capsys):
+    """A pickle that would run code, given as a checkpoint, an official checkpoint, backbone weights and an
+    index, to every command that loads one: refused with one line, and never unpickled."""
+    marker = _evil_files(tmp_path)
+    q = str(sorted((tiny_domain / "query").iterdir())[0])
+    run, common = str(tmp_path / "run"), ["--device", "cpu"]
+    data = ["--data-dir", str(tiny_domain.parent), "--workers", "0"]
+    commands = [
+        ["evaluate", "--checkpoint", run, "--testsets", "synth_A", *data, *common],
+        ["match", q, q, "--checkpoint", run, "-o", str(tmp_path / "m.png"), *common],
+        ["index", str(tiny_domain / "query"), "--checkpoint", run, "-o", str(tmp_path / "g.npz"), *common],
+        ["search", q, "--index", str(tmp_path / "raw.idx"), "--checkpoint", run, *common],
+        ["search", q, "--index", str(tmp_path / "objects.npz"), "--checkpoint", run, *common],
+        ["export", "--checkpoint", run, "--onnx", str(tmp_path / "m.onnx")],
+        ["convert", str(tmp_path / "official.pth.tar"), "-o", str(tmp_path / "converted")],
+        ["train", "--dataset", "synth_A", "-o", run, "--resume", *data, *common],
+        ["train", "--dataset", "synth_A", "-o", str(tmp_path / "new"), "--backbone-weights",
+         str(tmp_path / "backbone.pth"), "--testsets", "", *data, *common],  # fmt: skip
+    ]
+    for argv in commands:
+        capsys.readouterr()
+        code = main(argv)
+        err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in line]
+        assert code == 1 and len(err) == 1, (argv, err)
+        assert "corrupt or not a qaconv" in err[0] or "not a " in err[0] or "objects other than" in err[0], err[0]
+        assert "weights_only" not in err[0] and "allow_pickle" not in err[0] and "trust" not in err[0], err[0]
+        assert not marker.exists(), argv  # never unpickled

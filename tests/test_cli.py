@@ -333,3 +333,18 @@ def test_broken_checkpoints_are_refused_at_load(tiny_domain, tmp_path, capsys):
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and needle in err, (name, err)
         assert not (tmp_path / f"{name}.onnx").exists()
+
+
+def test_resume_says_which_options_it_ignores_and_that_a_finished_run_is_finished(tiny_domain, tmp_path, capsys):
+    """Resuming a finished 1-epoch run with --max-epochs 2 used to print only "resumed" and train nothing."""
+    run = tmp_path / "run"
+    assert _train_tiny(tiny_domain, run) == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    argv = ["train", "--dataset", "synth_A", "-o", str(run), "--resume", "--max-epochs", "2", "--lr", "0.01",
+            *_common(tiny_domain)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ignoring changed options ['lr', 'max_epochs']" in out
+    assert "already complete (its schedule ends at epoch 1): nothing to train" in out
+    assert (run / "checkpoint.pt").read_bytes() == before

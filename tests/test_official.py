@@ -248,5 +248,5 @@ def test_missing_unexpected_and_wrong_layout_give_one_line(tmp_path):
     torch.save({"state_dict": {}}, path)
     _one_line_error(lambda: load_official_checkpoint(path, **kw), "expected top-level 'model' and 'criterion'")
     path.write_bytes(b"not a checkpoint")
-    _one_line_error(lambda: load_official_checkpoint(path, **kw), "cannot load official checkpoint")
+    _one_line_error(lambda: load_official_checkpoint(path, **kw), "corrupt or not an official QAConv checkpoint")
     _one_line_error(lambda: load_official_checkpoint(tmp_path / "nope.pth.tar"), "does not exist")

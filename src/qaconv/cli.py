@@ -8,7 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import QAConvError
+from .errors import QAConvError, writing
 
 
 class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
@@ -708,7 +708,8 @@ def _cmd_synth(args) -> None:
     from .data.synth import generate_domain
 
     kw = {k: v for k, v in (("num_train_ids", args.train_ids), ("num_test_ids", args.test_ids)) if v is not None}
-    s = generate_domain(args.domain, args.out, seed=args.seed, height=args.height, width=args.width, **kw)
+    with writing(args.out):
+        s = generate_domain(args.domain, args.out, seed=args.seed, height=args.height, width=args.width, **kw)
     print(f"synthetic domain {s['domain']}: {s['description']}")
     for split, c in s["splits"].items():
         print(f"  {split:8s} {c['identities']:5d} ids {c['images']:6d} images {c['cameras']:3d} cameras")

@@ -94,7 +94,7 @@ def export_onnx(
         raise
     except Exception as exc:  # the exporter raises many types; report one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QAConvError(f"ONNX export (opset {opset}) failed: {first}") from None
+        raise QAConvError(f"ONNX export (opset {opset}) to {path} failed: {first}") from None
     finally:
         tmp.unlink(missing_ok=True)
     with torch.no_grad():

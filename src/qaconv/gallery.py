@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .data.images import read_rgb
 from .data.market import IMAGE_SUFFIXES
-from .engine.checkpoint import atomic_write
 from .errors import QAConvError
 from .gallery_meta import (
     TIME_MANIFEST,

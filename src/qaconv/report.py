@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import QAConvError
+from .atomic import atomic_write
+from .errors import QAConvError, writing
 from .metrics import per_query
 from .names import safe_stem
 
@@ -352,9 +353,8 @@ def write_report(out_dir, sections: list[Section], results: dict, title: str = "
     """Write ``out_dir/index.html`` (pictures are already in place from :func:`report_testset`)."""
     out_dir = check_report_dir(out_dir)
     path = out_dir / "index.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_html(sections, results, title), encoding="utf-8")
-    tmp.replace(path)
+    with writing(path):
+        atomic_write(path, lambda f: f.write(render_html(sections, results, title).encode("utf-8")))
     return path
 
 
@@ -372,6 +372,7 @@ def report_from_evaluation(out_dir, data, kept: dict, matcher, results: dict, cf
         if 0 < m < len(data.gallery)
         else ""
     )
-    return report_testset(out_dir, data, kept["dists"], kept.get("q"), kept.get("g"), matcher, results,
-                          image_size=(cfg["height"], cfg["width"]), num_worst=n, num_random=n,
-                          progress=progress, note=note)
+    with writing(out_dir, "the report"):
+        return report_testset(out_dir, data, kept["dists"], kept.get("q"), kept.get("g"), matcher, results,
+                              image_size=(cfg["height"], cfg["width"]), num_worst=n, num_random=n,
+                              progress=progress, note=note)

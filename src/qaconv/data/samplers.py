@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Sampler
 
-from ..engine.checkpoint import atomic_write
+from ..atomic import atomic_write
 from ..rerank import k_reciprocal_knn, knn_lists
 
 DistanceFn = Callable[[np.ndarray], np.ndarray]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
+from ..atomic import atomic_write
 from ..data.images import scan_images
 from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
@@ -202,8 +203,8 @@ def save_scores(out_dir, data, rows: dict[str, np.ndarray], logits: np.ndarray, 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = safe_stem(data.name)  # a test set named by a path still writes inside out_dir, under its own name
     mat_path, npz_path = out_dir / f"{stem}_score.mat", out_dir / f"{stem}_scores.npz"
-    savemat(mat_path, mat, oned_as="column", do_compression=True)
-    np.savez_compressed(npz_path, **npz)
+    atomic_write(mat_path, lambda f: savemat(f, mat, oned_as="column", do_compression=True))
+    atomic_write(npz_path, lambda f: np.savez_compressed(f, **npz))
     return [mat_path, npz_path]
 
 
@@ -317,10 +318,22 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
     if keep is not None:
         keep.update(dists=rows, q=q, g=g, data=data)
     if cfg.get("save_scores") and out_dir is not None and is_main():
-        written = save_scores(out_dir, data, rows, s_qg, cfg.get("rerank_input", "sigmoid"))
+        try:
+            written = save_scores(out_dir, data, rows, s_qg, cfg.get("rerank_input", "sigmoid"))
+        except QAConvError as exc:  # e.g. a full disk: the metrics are not lost with the files
+            raise ScoresNotSaved(str(exc), results, time.perf_counter() - start) from None
         if progress:
             print("wrote " + ", ".join(map(str, written)))
     return results, time.perf_counter() - start
+
+
+class ScoresNotSaved(QAConvError):
+    """``save_scores`` failed (its message); carries the test set's metrics and time, so that
+    :func:`evaluate` still logs and prints them before it reports the failure."""
+
+    def __init__(self, message: str, results: dict, seconds: float):
+        super().__init__(message)
+        self.results, self.seconds = results, seconds
 
 
 def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict[str, RankResult]:
@@ -338,7 +351,7 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
     names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else list(testsets)
     results: dict[str, RankResult] = {}
     sections = []  # HTML report sections, with cfg['report']
-    report_error = None  # the first report failure
+    first_error = None  # the first failure to write scores or the report: raised after the table
     if cfg.get("report"):
         from ..report import check_report_dir
 
@@ -346,8 +359,12 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
     for name in filter(None, names):
         with main_first():  # a synthetic test set is generated once, by rank 0
             data = load_dataset(name, cfg["data_dir"], progress=progress)
-        kept = {} if cfg.get("report") and is_main() and report_error is None else None
-        rows, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress, out_dir=out_dir, keep=kept)
+        kept = {} if cfg.get("report") and is_main() and first_error is None else None
+        try:
+            rows, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress, out_dir=out_dir, keep=kept)
+        except ScoresNotSaved as exc:  # logged and printed first, reported after the table
+            rows, seconds = exc.results, exc.seconds
+            first_error = first_error or QAConvError(str(exc))
         for label, result in rows.items():
             results[f"{name} {label}".strip()] = result
             if out_dir is not None and is_main():
@@ -359,19 +376,22 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
                     "num_invalid_queries": result.num_invalid,
                     "time_s": seconds,
                 }
-                append_jsonl(Path(out_dir) / "metrics.jsonl", row)
+                try:
+                    append_jsonl(Path(out_dir) / "metrics.jsonl", row)
+                except QAConvError as exc:  # e.g. a full disk: reported after the table
+                    first_error = first_error or exc
         if kept is not None:  # after the metrics rows, so a failing report loses none
             from ..report import report_from_evaluation
 
             try:
                 sections.append(report_from_evaluation(cfg["report"], kept["data"], kept, matcher, rows, cfg, progress))
             except Exception as exc:  # raised after the table is printed; the other test sets are still evaluated
-                report_error = exc
+                first_error = first_error or exc
         del kept
     if progress and results:
         print(format_table(results))
-    if report_error is not None:
-        raise report_error
+    if first_error is not None:
+        raise first_error
     if sections:
         from ..report import write_report
 

@@ -139,9 +139,13 @@ def train(
                 f"{out / CHECKPOINT} holds no training state ({how}): --resume continues a 'qaconv train' run"
             )
         saved = from_dict(state["config"], strict=False).to_dict()  # the saved recipe and every resolved value
-        changed = {k: v for k, v in cfg.items() if saved[k] != v and k in MODEL_KEYS}
+        fixed = [k for k in cfg if k not in RUNTIME_KEYS and k != "out_dir" and (given is None or k in given)]
+        changed = sorted(k for k in fixed if saved.get(k) != cfg[k])
         if changed and progress:
-            print(f"resuming with the saved configuration; ignoring changed options {sorted(changed)}")
+            print(
+                f"resuming with the saved configuration; ignoring changed options {changed} "
+                "(a run continues as it was set up: start a new run with -o to change them)"
+            )
         runtime = [k for k in RUNTIME_KEYS if given is None or k in given]
         cfg = from_dict({**saved, **{k: cfg[k] for k in runtime}}).validate().to_dict()
     else:

@@ -20,7 +20,7 @@ from ..data.images import ImageDataset, collate_skip_bad, scan_images
 from ..data.records import Record
 from ..data.samplers import GraphSampler, RandomIdentitySampler, ShuffledBatchSampler, sigmoid_distance
 from ..data.transforms import eval_transform, make_transform
-from ..errors import QAConvError
+from ..errors import QAConvError, writing
 from ..losses import finite_mean
 from ..matching import pick_device
 from ..models.qaconv import QAConv
@@ -56,8 +56,9 @@ def _json_safe(value):
 
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one JSON line to ``path`` (valid JSON: non-finite numbers are written as null)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+    line = json.dumps(_json_safe(row), allow_nan=False) + "\n"
+    with writing(path), open(path, "a") as f:
+        f.write(line)
 
 
 def _logged_epochs(path: Path) -> set[int]:
@@ -396,6 +397,9 @@ class Trainer:
             self.load_state_dict(state)
             if self.progress:
                 print(f"resumed from {ckpt_path} after epoch {self.epoch}")
+                if self.schedule.done(self.epoch):
+                    print(f"the run was already complete (its schedule ends at epoch {self.schedule.final_epochs}): "
+                          "nothing to train")
             row = state.get("metrics_row")  # a kill after the checkpoint, before its metrics row: write it now
             if self.rank == 0 and row and self.epoch not in _logged_epochs(metrics):
                 append_jsonl(metrics, {**row, "restored_from_checkpoint": True})

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from ..engine.checkpoint import safe_torch_load
 from ..errors import QAConvError
 from .backbone import ARCHS, FINAL_LAYERS, FeatureMapNet, build_backbone
 from .qaconv import QAConv
@@ -44,13 +45,7 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise QAConvError(f"official checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        lines = [ln for ln in str(exc).splitlines() if "Unsupported global" in ln] or str(exc).strip().splitlines()
-        reason = lines[0].strip() if lines else type(exc).__name__
-        raise QAConvError(f"cannot load official checkpoint {path}: {reason}") from None
+    obj = safe_torch_load(path, "an official QAConv checkpoint", safe_globals=_numpy_safe_globals())
     if isinstance(obj, Mapping) and str(obj.get("format", "")).startswith("qaconv-checkpoint"):
         raise QAConvError(
             f"{path} is already a qaconv checkpoint (written by 'qaconv train' or 'convert'): use it as it is, "

@@ -9,6 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
+from ..engine.checkpoint import safe_torch_load
+from ..errors import QAConvError
+
 # Top-level children of a torchvision / IBN-Net ResNet, in order; keys under a name that the truncated
 # base does not have (fc, avgpool, layers after final_layer) are ignored on load.
 RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
@@ -45,10 +48,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types for corrupt or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValueError(f"cannot read backbone weights {path}: {type(exc).__name__}: {reason}") from None
+        obj = safe_torch_load(path, "a backbone weights file")
+    except QAConvError as exc:  # this module reports bad weights as ValueError
+        raise ValueError(str(exc)) from None
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:

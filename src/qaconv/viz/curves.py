@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import writing
+
 
 def plot_cmc(
     curves: dict[str, np.ndarray], path: str | Path, title: str = "CMC", max_rank: int = 20, dashed: tuple = ()
@@ -39,6 +41,7 @@ def plot_cmc(
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        with writing(path):
+            fig.savefig(path)
         plt.close(fig)
     return path

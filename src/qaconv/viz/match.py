@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import writing
+
 
 def _semantics(corr: dict) -> str:
     return str(corr.get("semantics", "default"))
@@ -201,7 +203,8 @@ def draw_match(
         fig.suptitle(f"{score_name} {score:.3f}\n{semantics} semantics ({kernel} = kernel side)", fontsize=10)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        with writing(path):
+            fig.savefig(path, format="png")
         plt.close(fig)
     return path
 

@@ -16,8 +16,9 @@ import html
 from pathlib import Path
 from urllib.parse import quote
 
+from ..atomic import atomic_write
 from ..data.images import read_rgb
-from ..errors import QAConvError
+from ..errors import QAConvError, writing
 
 THUMB_HEIGHT = 128
 
@@ -36,7 +37,8 @@ def _thumb(src: str | Path, dest: Path) -> bool:
         return False
     if img.height > THUMB_HEIGHT:
         img = img.resize((max(1, round(img.width * THUMB_HEIGHT / img.height)), THUMB_HEIGHT))
-    img.save(dest, format="PNG")
+    with writing(dest):
+        img.save(dest, format="PNG")
     return True
 
 
@@ -58,7 +60,8 @@ def write_search_html(out: str | Path, results: list[dict], root: str | Path, ti
     result paths relative to the gallery folder ``root``."""
     out = Path(out)
     assets = out.with_name(out.stem + "_files")
-    assets.mkdir(parents=True, exist_ok=True)
+    with writing(assets):
+        assets.mkdir(parents=True, exist_ok=True)
     parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
              f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     written: dict[str, bool] = {}
@@ -70,5 +73,6 @@ def write_search_html(out: str | Path, results: list[dict], root: str | Path, ti
             row.append(_figure(Path(root) / r["path"], f"g{r['row']}", caption, assets, written))
         parts.append(f'<div class="q">{"".join(row)}</div>')
     parts.append("</body></html>")
-    out.write_text("\n".join(parts), encoding="utf-8")
+    with writing(out):
+        atomic_write(out, lambda f: f.write("\n".join(parts).encode("utf-8")))
     return out
