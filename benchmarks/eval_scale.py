@@ -19,7 +19,7 @@ Figures:
 
 * exhaustive: :meth:`Matcher.scores` over ``--exhaustive-probes`` probes (default: all) x the gallery; its
   time is extrapolated linearly in pairs to the full (fraction-scaled) probe set and to the unscaled size.
-* two-stage: :func:`qaconv.search.two_stage_scores` for each M, the path of ``qaconv evaluate --two-stage M``
+* two-stage: :func:`qaconv.gallery.search.two_stage_scores` for each M, the path of ``qaconv evaluate --two-stage M``
   (first-stage time measured separately): QAConv logits for each probe's M pooled-cosine candidates, the
   rest ranked below them by cosine; recall of the exhaustive top-10 within the two-stage top-10, and mAP /
   rank-1 by :func:`qaconv.metrics.evaluate_rank` over the whole gallery, relative to the exhaustive mAP
@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
 
+from qaconv.gallery.search import pooled_candidates, two_stage_scores
 from qaconv.matching import Matcher
 from qaconv.metrics import evaluate_rank
 from qaconv.models.qaconv import QAConv
-from qaconv.search import pooled_candidates, two_stage_scores
 
 
 def _peak_mib() -> str:

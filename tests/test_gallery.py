@@ -13,7 +13,7 @@ from PIL import Image
 from qaconv import gallery as gal
 from qaconv.cli import main
 from qaconv.errors import QAConvError
-from qaconv.gallery_meta import assign_cam_ids, parse_name, read_gallery_manifest
+from qaconv.gallery.meta import assign_cam_ids, parse_name, read_gallery_manifest
 
 BAD = ("broken/zero.jpg", "text.jpg", "truncated.jpg")
 
@@ -232,7 +232,7 @@ def test_exhaustive_search_equals_brute_force(built, extractor, tiny_domain, mon
     _assert_ranking(s, rows, truth)
     s2, rows2 = gal.search_index(index, q, extractor.matcher, k=7, candidates=len(index), device="cpu")
     np.testing.assert_array_equal(rows2, rows)
-    monkeypatch.setattr(gal, "GALLERY_BLOCK", 5)  # several gallery blocks merged
+    monkeypatch.setattr("qaconv.gallery.index.GALLERY_BLOCK", 5)  # several gallery blocks merged
     s3, rows3 = gal.search_index(index, q, extractor.matcher, k=7, exhaustive=True, device="cpu")
     _assert_ranking(s3, rows3, truth)
     s4, _ = gal.search_index(index, q, extractor.matcher, k=10_000, exhaustive=True, device="cpu")
@@ -240,7 +240,7 @@ def test_exhaustive_search_equals_brute_force(built, extractor, tiny_domain, mon
 
 
 def test_shortlist_search_equals_brute_force_on_the_shortlist(built, extractor, tiny_domain):
-    from qaconv.search import two_stage_topk
+    from qaconv.gallery.search import two_stage_topk
 
     index = built[0]
     q = extractor(_queries(tiny_domain))

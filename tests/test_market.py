@@ -10,7 +10,7 @@ from PIL import Image
 from qaconv.cli import main
 from qaconv.data.market import SPLITS, load_market_layout, market_session_offsets
 from qaconv.errors import QAConvError
-from qaconv.gallery_meta import TIME_NAME, market_times
+from qaconv.gallery.meta import TIME_NAME, market_times
 
 
 def _touch(folder: Path, name: str) -> None:

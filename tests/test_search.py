@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qaconv.gallery.search import pooled_candidates, two_stage_topk
 from qaconv.matching import Matcher
 from qaconv.models.qaconv import QAConv
-from qaconv.search import pooled_candidates, two_stage_topk
 
 C, H, W = 6, 3, 2
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
@@ -65,7 +65,7 @@ def test_shortlist_scores_are_exact_and_sorted(version, memory):
 
 def test_pooled_candidates_torch_blocks(monkeypatch):
     prob, gal = _maps(5, 6), _maps(30, 7)
-    monkeypatch.setattr("qaconv.search.FIRST_STAGE_BLOCK", 7)
+    monkeypatch.setattr("qaconv.gallery.search.FIRST_STAGE_BLOCK", 7)
     s, i = pooled_candidates(prob, gal, 8, use_faiss=False)
     ep = F.normalize(prob.mean(dim=(2, 3)), dim=1)
     eg = F.normalize(gal.mean(dim=(2, 3)), dim=1)
@@ -142,7 +142,7 @@ def test_faiss_matches_torch():
 
 @pytest.mark.parametrize("m", [1, 4, 9])
 def test_two_stage_scores_shortlist_exact_and_tail_by_cosine(m):
-    from qaconv.search import two_stage_scores
+    from qaconv.gallery.search import two_stage_scores
 
     head = _qaconv()
     prob, gal = _maps(5, 1), _maps(11, 2)
@@ -160,7 +160,7 @@ def test_two_stage_scores_shortlist_exact_and_tail_by_cosine(m):
 
 
 def test_two_stage_scores_exhaustive_when_m_covers_gallery():
-    from qaconv.search import two_stage_scores
+    from qaconv.gallery.search import two_stage_scores
 
     head = _qaconv("1")
     prob, gal = _maps(4, 3), _maps(6, 4)
@@ -172,7 +172,7 @@ def test_two_stage_scores_exhaustive_when_m_covers_gallery():
 @pytest.mark.parametrize("shift", [-1000.0, 1000.0])
 def test_two_stage_tail_stays_below_the_shortlist_whatever_the_logits(shift):
     """Strongly negative (or positive) logits: the tail must still rank below every shortlisted item."""
-    from qaconv.search import two_stage_scores
+    from qaconv.gallery.search import two_stage_scores
 
     head = _qaconv()
     with torch.no_grad():

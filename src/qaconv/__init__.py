@@ -18,13 +18,13 @@ from .errors import QAConvError
 from .export import export_onnx
 from .extractor import FeatureExtractor
 from .gallery import GalleryIndex, build_index, load_index, search_index
+from .gallery.search import two_stage_scores, two_stage_topk
 from .loading import TrainedModel, load
 from .matching import Matcher, pairwise_scores
 from .metrics import RankResult, evaluate_rank
 from .models import PooledCosine, QAConv, build_backbone, build_matcher
 from .models.official import load_official_checkpoint
 from .rerank import k_reciprocal, k_reciprocal_knn
-from .search import two_stage_scores, two_stage_topk
 
 __all__ = [
     "FeatureExtractor",

@@ -233,9 +233,9 @@ def check_post_options(cfg: dict) -> None:
 
 
 def _two_stage(matcher, q, g, cfg: dict, match: dict, name: str, progress: bool) -> np.ndarray:
-    """[Q, G] scores from two-stage search (see :func:`qaconv.search.two_stage_scores`); queries are split
+    """[Q, G] scores from two-stage search (see :func:`qaconv.gallery.search.two_stage_scores`); queries are split
     across the ranks of a process group and the rows gathered."""
-    from ..search import two_stage_scores
+    from ..gallery.search import two_stage_scores
 
     check_post_options(cfg)
     m = int(cfg["two_stage"])

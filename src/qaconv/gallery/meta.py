@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.manifest import REQUIRED
-from .data.market import market_session_offsets
-from .data.records import MARKET_FPS, MARKET_NAME
-from .errors import QAConvError
+from ..data.manifest import REQUIRED
+from ..data.market import market_session_offsets
+from ..data.records import MARKET_FPS, MARKET_NAME
+from ..errors import QAConvError
 
 UNKNOWN = -1
 TIME_NONE, TIME_NAME, TIME_MANIFEST = 0, 1, 2  # where an image's time stamp comes from

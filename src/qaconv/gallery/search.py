@@ -21,9 +21,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .matching import DEFAULT_MEMORY, Matcher, fold_head, pick_device
-from .models.pooled import PooledCosine
-from .models.qaconv import QAConv
+from ..matching import DEFAULT_MEMORY, Matcher, fold_head, pick_device
+from ..models.pooled import PooledCosine
+from ..models.qaconv import QAConv
 
 FIRST_STAGE_BLOCK = 4096  # gallery items per block of the torch first stage
 RESCORE_TILE_BYTES = 8 * 2**20  # cap on one re-scoring tile (larger tiles measured slower on CPU)

@@ -1,7 +1,7 @@
 """A searchable gallery index: feature maps of a folder of images, saved as a plain ``.npz``, and search.
 
 The index holds, per image, its path relative to the gallery folder, pid, camera and time
-(:mod:`qaconv.gallery_meta`; -1 / NaN when unknown), the feature map in **float16** (half the disk and
+(:mod:`qaconv.gallery.meta`; -1 / NaN when unknown), the feature map in **float16** (half the disk and
 memory of float32; maps are unit-norm per location, so fp16 loses ~1e-3 relative) and the L2-normalised
 pooled vector (float32) of that fp16 map for the first search stage. It also records the model identity
 (checkpoint path, a SHA-256 of its config and weights, feature shape): searching or appending with
@@ -9,7 +9,7 @@ another model is refused. The file is an uncompressed npz of plain arrays (no ob
 with ``allow_pickle=False``) written atomically.
 
 Search: exhaustive :meth:`qaconv.matching.Matcher.topk` over gallery blocks when the index has at most
-``candidates`` images (or when asked), else two stages as :func:`qaconv.search.two_stage_topk`: the
+``candidates`` images (or when asked), else two stages as :func:`qaconv.gallery.search.two_stage_topk`: the
 ``candidates`` best by pooled cosine (the stored vectors; faiss when installed), then exact QAConv
 scores of those only, gathered from the fp16 maps (the whole gallery is never cast to float32).
 
@@ -35,11 +35,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
-from .data.images import read_rgb
-from .data.market import IMAGE_SUFFIXES
-from .errors import QAConvError
-from .gallery_meta import (
+from ..atomic import atomic_write
+from ..data.images import read_rgb
+from ..data.market import IMAGE_SUFFIXES
+from ..errors import QAConvError
+from ..matching import Matcher
+from ..models.pooled import PooledCosine
+from .meta import (
     TIME_MANIFEST,
     TIME_NAME,
     TIME_NONE,
@@ -50,8 +52,6 @@ from .gallery_meta import (
     parse_name,
     read_gallery_manifest,
 )
-from .matching import Matcher
-from .models.pooled import PooledCosine
 from .search import pooled_candidates
 
 FORMAT = "qaconv-gallery-1"
@@ -70,7 +70,7 @@ class GalleryIndex:
     times: np.ndarray  # [N] float64 seconds, NaN unknown
     sessions: np.ndarray  # [N] int64, Market session or -1
     frames: np.ndarray  # [N] int64, Market frame or -1
-    time_sources: np.ndarray  # [N] int8, gallery_meta.TIME_*
+    time_sources: np.ndarray  # [N] int8, meta.TIME_*
     features: np.ndarray  # [N, C, h, w] float16
     pooled: np.ndarray  # [N, C] float32, unit norm
     model_checkpoint: str
@@ -96,7 +96,7 @@ def model_identity(extractor, checkpoint: str | Path) -> dict:
 
     The hash covers the model-defining config (or the input size) and every weight of model and matcher.
     """
-    from .engine.runner import MODEL_KEYS
+    from ..engine.runner import MODEL_KEYS
 
     h = hashlib.sha256()
     cfg = {k: extractor.cfg.get(k) for k in MODEL_KEYS} if extractor.cfg else {}
@@ -419,8 +419,8 @@ def tlift_search(index: GalleryIndex, query_maps: torch.Tensor, matcher, q_cams,
     images) when ``exhaustive`` or the index has at most ``candidates`` images; otherwise TLift runs on the
     union of the queries' pooled-cosine shortlists (exact when pivots and ranks fall inside it).
     """
-    from .engine.evaluator import logit_to_similarity
-    from .tlift import tlift
+    from ..engine.evaluator import logit_to_similarity
+    from ..tlift import tlift
 
     g_times = index.times if g_times is None else np.asarray(g_times, dtype=np.float64)
     if not index.has_time or not np.isfinite(g_times).all():
