@@ -23,24 +23,21 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
-from ..data.images import read_rgb
 from ..data.market import IMAGE_SUFFIXES
 from ..errors import QAConvError
 from ..matching import Matcher
 from ..models.pooled import PooledCosine
+from .extract import check_finite_rows, check_query_maps, iter_extract, list_images
+from .identity import check_identity, model_identity
 from .meta import (
     TIME_MANIFEST,
     TIME_NAME,
@@ -91,94 +88,19 @@ class GalleryIndex:
 
 
 # -- model identity ---------------------------------------------------------------------------------------
-def model_identity(extractor, checkpoint: str | Path) -> dict:
-    """``{"checkpoint", "hash", "feature_shape"}`` of a :class:`~qaconv.extractor.FeatureExtractor`.
-
-    The hash covers the model-defining config (or the input size) and every weight of model and matcher.
-    """
-    from ..engine.runner import MODEL_KEYS
-
-    h = hashlib.sha256()
-    cfg = {k: extractor.cfg.get(k) for k in MODEL_KEYS} if extractor.cfg else {}
-    cfg.update(height=extractor.height, width=extractor.width)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, module in (("model", extractor.model), ("matcher", extractor.matcher)):
-        for key, t in sorted((module.state_dict() if module is not None else {}).items()):
-            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    if hasattr(extractor.model, "out_channels") and hasattr(extractor.model, "feature_size"):
-        shape = (int(extractor.model.out_channels), *(int(s) for s in extractor.feature_size))
-    else:
-        shape = tuple(int(s) for s in extractor(torch.zeros(3, extractor.height, extractor.width)).shape[1:])
-    return {"checkpoint": str(Path(checkpoint).resolve()), "hash": h.hexdigest(), "feature_shape": shape}
-
-
 def check_model(index: GalleryIndex, identity: dict) -> None:
     """Raise :class:`QAConvError` unless ``identity`` (from :func:`model_identity`) made ``index``."""
-    if identity["hash"] != index.model_hash or tuple(identity["feature_shape"]) != index.feature_shape:
-        raise QAConvError(
-            f"the index was built with another model (checkpoint {index.model_checkpoint}, hash "
-            f"{index.model_hash[:12]}, maps {index.feature_shape}); {identity['checkpoint']} has hash "
-            f"{identity['hash'][:12]}, maps {tuple(identity['feature_shape'])}: rebuild the index with this checkpoint"
-        )
+    recorded = {"checkpoint": index.model_checkpoint, "hash": index.model_hash, "feature_shape": index.feature_shape}
+    check_identity(recorded, identity)
 
 
 # -- building -----------------------------------------------------------------------------------------------
-def list_images(folder: str | Path) -> list[str]:
-    """Image files (.jpg, .jpeg, .png) under ``folder``, recursively, as sorted '/'-relative paths."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise QAConvError(f"gallery folder {folder} does not exist or is not a folder")
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-    )
-
-
-def _try_read(path: Path):
-    try:
-        return read_rgb(str(path))
-    except QAConvError as exc:
-        return str(exc).split(": ", 1)[-1] or "unreadable"
-
-
-def _check_finite_rows(ok: np.ndarray, paths, what: str, advice: str) -> None:
-    """Raise naming the count and a few paths of the rows where ``ok`` is False."""
-    bad = np.flatnonzero(~ok)
-    if len(bad):
-        eg = ", ".join(str(paths[i]) for i in bad[:3])
-        raise QAConvError(f"{what} {len(bad)} of {len(ok)} images (e.g. {eg}); {advice}")
+_check_finite_rows = check_finite_rows
 
 
 def _extract(extractor, root: Path, rel: list[str], workers: int, progress: bool):
     """(fp16 maps [n_ok, C, h, w], pooled [n_ok, C], kept relative paths, [(path, reason)] unreadable)."""
-    feats = pooled = None
-    kept: list[str] = []
-    bad: list[tuple[str, str]] = []
-    step = extractor.batch_size
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for start in tqdm(range(0, len(rel), step), desc="indexing", unit="batch", disable=not progress):
-            chunk = rel[start : start + step]
-            images = list(pool.map(_try_read, [root / p for p in chunk]))
-            good = [(p, im) for p, im in zip(chunk, images, strict=True) if not isinstance(im, str)]
-            bad += [(p, im) for p, im in zip(chunk, images, strict=True) if isinstance(im, str)]
-            if not good:
-                continue
-            maps = extractor([im for _, im in good]).half()
-            _check_finite_rows(maps.flatten(1).isfinite().all(1).numpy(), [p for p, _ in good],
-                               "the model gave non-finite features (NaN/inf, or float16 overflow) for",
-                               "check the checkpoint")
-            if feats is None:
-                feats = np.empty((len(rel), *maps.shape[1:]), dtype=np.float16)
-                pooled = np.empty((len(rel), maps.shape[1]), dtype=np.float32)
-            w = len(kept)
-            feats[w : w + len(good)] = maps.numpy()
-            pooled[w : w + len(good)] = PooledCosine.embed(maps.float()).numpy()
-            kept += [p for p, _ in good]
-    if feats is None:
-        return None, None, kept, bad
-    return feats[: len(kept)], pooled[: len(kept)], kept, bad
+    return next(iter_extract(extractor, root, rel, workers, progress))
 
 
 def _metadata(root: Path, rel: list[str], manifest: dict[str, ImageMeta] | None) -> list[ImageMeta]:
@@ -362,14 +284,6 @@ def shortlist(index: GalleryIndex, query_maps: torch.Tensor, candidates: int, de
     eq = PooledCosine.embed(query_maps.float())[:, :, None, None]
     eg = torch.from_numpy(index.pooled)[:, :, None, None]
     return pooled_candidates(eq, eg, candidates, device=device, use_faiss=use_faiss)[1].numpy()
-
-
-def check_query_maps(query_maps: torch.Tensor, names=None) -> None:
-    """Refuse query feature maps with NaN/inf (they would score NaN against every gallery image), naming the
-    queries (``names``, default their row numbers)."""
-    ok = torch.isfinite(query_maps.detach().reshape(len(query_maps), -1)).all(dim=1).cpu().numpy()
-    names = [f"query {i}" for i in range(len(ok))] if names is None else list(names)
-    _check_finite_rows(ok, names, "non-finite (NaN/inf) query feature maps for", "check the checkpoint and the images")
 
 
 def search_index(index: GalleryIndex, query_maps: torch.Tensor, matcher, k: int = 10, candidates: int = 100,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,14 +59,29 @@ def market_times(cam_labels, sessions, frames, sources) -> np.ndarray:
     """
     sources = np.asarray(sources)
     sel = np.flatnonzero(sources == TIME_NAME)
-    cams = [int(cam_labels[i][1:]) for i in sel]
-    frames_by: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, cam in zip(sel, cams, strict=True):
-        frames_by[(cam, int(sessions[i]))].append(int(frames[i]))
-    offsets = market_session_offsets(frames_by)
+    numbers = np.full(len(sources), UNKNOWN, dtype=np.int64)
+    numbers[sel] = [int(cam_labels[i][1:]) for i in sel]
+    return market_times_by_number(numbers, sessions, frames, sources)
+
+
+def market_times_by_number(cam_numbers, sessions, frames, sources) -> np.ndarray:
+    """:func:`market_times` with the camera given as the number N of its label ``cN`` (vectorised: the
+    store recomputes the times of a million entries at once)."""
+    sources = np.asarray(sources)
+    sel = np.flatnonzero(sources == TIME_NAME)
     out = np.full(len(sources), np.nan, dtype=np.float64)
-    for i, cam in zip(sel, cams, strict=True):
-        out[i] = (int(frames[i]) + offsets[(cam, int(sessions[i]))]) / MARKET_FPS
+    if not len(sel):
+        return out
+    cam = np.asarray(cam_numbers, dtype=np.int64)[sel]
+    ses = np.asarray(sessions, dtype=np.int64)[sel]
+    frm = np.asarray(frames, dtype=np.int64)[sel]
+    keys, inverse = np.unique(np.stack((cam, ses), axis=1), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    top = np.full(len(keys), np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(top, inverse, frm)  # only each group's largest frame matters to the offsets
+    offsets = market_session_offsets({(int(c), int(s)): [int(f)] for (c, s), f in zip(keys, top, strict=True)})
+    group_offset = np.array([offsets[(int(c), int(s))] for c, s in keys], dtype=np.int64)
+    out[sel] = (frm + group_offset[inverse]) / MARKET_FPS
     return out
 
 

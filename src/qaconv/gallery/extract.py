@@ -1,0 +1,89 @@
+"""Feature maps of image files for a gallery: listing a folder, decoding in threads, refusing non-finite maps.
+
+:func:`iter_extract` yields chunks (float16 maps, pooled unit vectors of those fp16 maps, kept paths, skipped
+unreadable files) so that a store can commit a large folder chunk by chunk in bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.images import read_rgb
+from ..data.market import IMAGE_SUFFIXES
+from ..errors import QAConvError
+from ..models.pooled import PooledCosine
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """Image files (.jpg, .jpeg, .png) under ``folder``, recursively, as sorted '/'-relative paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QAConvError(f"gallery folder {folder} does not exist or is not a folder")
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def check_finite_rows(ok: np.ndarray, paths, what: str, advice: str) -> None:
+    """Raise naming the count and a few paths of the rows where ``ok`` is False."""
+    bad = np.flatnonzero(~np.asarray(ok, dtype=bool))
+    if len(bad):
+        eg = ", ".join(str(paths[i]) for i in bad[:3])
+        raise QAConvError(f"{what} {len(bad)} of {len(ok)} images (e.g. {eg}); {advice}")
+
+
+def check_query_maps(query_maps: torch.Tensor, names=None) -> None:
+    """Refuse query feature maps with NaN/inf (they would score NaN against every gallery image), naming the
+    queries (``names``, default their row numbers)."""
+    ok = torch.isfinite(query_maps.detach().reshape(len(query_maps), -1)).all(dim=1).cpu().numpy()
+    names = [f"query {i}" for i in range(len(ok))] if names is None else list(names)
+    check_finite_rows(ok, names, "non-finite (NaN/inf) query feature maps for", "check the checkpoint and the images")
+
+
+def half_maps(maps: torch.Tensor, names) -> tuple[np.ndarray, np.ndarray]:
+    """``(float16 maps, float32 unit pooled vectors of those fp16 maps)`` as numpy; non-finite rows refused
+    (NaN/inf, or float16 overflow), naming them."""
+    half = maps.detach().cpu().half()
+    check_finite_rows(half.flatten(1).isfinite().all(1).numpy(), list(names),
+                      "the model gave non-finite features (NaN/inf, or float16 overflow) for", "check the checkpoint")
+    return half.numpy(), PooledCosine.embed(half.float()).numpy()
+
+
+def _try_read(path: Path):
+    try:
+        return read_rgb(str(path))
+    except QAConvError as exc:
+        return str(exc).split(": ", 1)[-1] or "unreadable"
+
+
+def iter_extract(extractor, root: Path, rel: list[str], workers: int = 2, progress: bool = True,
+                 chunk: int | None = None) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, list[str], list]]:
+    """Feature maps of the images ``root / p`` for ``p`` in ``rel``, about ``chunk`` images at a time (default:
+    all in one chunk): yields ``(fp16 maps [n, C, h, w], pooled [n, C], kept paths, [(path, reason)] unreadable)``
+    (maps and pooled are None when a chunk has no readable image). ``workers``: image-decoding threads."""
+    step = extractor.batch_size
+    chunk = len(rel) if chunk is None else max(step, int(chunk) // step * step)
+    bar = tqdm(total=len(rel), desc="indexing", unit="img", disable=not progress)
+    with ThreadPoolExecutor(max(1, workers)) as pool, bar:
+        for c0 in range(0, len(rel), max(1, chunk)):
+            maps, pooled, kept, bad = [], [], [], []
+            for start in range(c0, min(c0 + chunk, len(rel)), step):
+                names = rel[start : min(start + step, c0 + chunk, len(rel))]
+                images = list(pool.map(_try_read, [root / p for p in names]))
+                good = [(p, im) for p, im in zip(names, images, strict=True) if not isinstance(im, str)]
+                bad += [(p, im) for p, im in zip(names, images, strict=True) if isinstance(im, str)]
+                bar.update(len(names))
+                if good:
+                    m, v = half_maps(extractor([im for _, im in good]), [p for p, _ in good])
+                    maps.append(m)
+                    pooled.append(v)
+                    kept += [p for p, _ in good]
+            yield (np.concatenate(maps) if maps else None, np.concatenate(pooled) if pooled else None, kept, bad)
