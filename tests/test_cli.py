@@ -205,7 +205,8 @@ def test_match_command_draws_picture(tiny_domain, tmp_path, capsys):
 
 
 def test_evaluate_two_stage(tiny_domain, tmp_path, capsys):
-    """--two-stage with M >= gallery size gives the exhaustive table; with --rerank it is refused in one line."""
+    """--two-stage with M >= gallery size gives the exhaustive table, and with --rerank and M >= query+gallery
+    size the exhaustive +RR rows; a small M with --rerank re-ranks from shortlists."""
     run = tmp_path / "run"
     common = _common(tiny_domain)
     assert _train_tiny(tiny_domain, run) == 0
@@ -217,10 +218,16 @@ def test_evaluate_two_stage(tiny_domain, tmp_path, capsys):
     assert "two-stage" in out and plain[0] in out.splitlines()
     assert main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--two-stage", "3", *common]) == 0
     assert "re-scores the 3 best" in capsys.readouterr().out
-    code = main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--two-stage", "3", "--rerank",
-                 *common])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "--two-stage" in err[0]
+    assert main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--rerank", *common]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("synth_A ")]
+    assert main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--two-stage", "100000", "--rerank",
+                 *common]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(rows) == 2 and all(row in out for row in rows)
+    assert main(["evaluate", "--checkpoint", str(run), "--testsets", "synth_A", "--two-stage", "3", "--rerank",
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "each image's 3 nearest" in out and "synth_A +RR" in out
 
 
 def test_train_into_an_existing_run_is_refused_unless_overwrite(tiny_domain, tmp_path, capsys):

@@ -180,8 +180,8 @@ def test_bad_options_give_one_line():
     with pytest.raises(QAConvError, match="rerank_input must be one of sigmoid, logit"):
         check_post_options({"rerank_input": "cosine"})
     with pytest.raises(QAConvError, match="--two-stage"):
-        check_post_options({"two_stage": 5, "tlift": True})
-    check_post_options({"two_stage": 5, "tlift_direct": True})  # no re-ranking needed
+        check_post_options({"two_stage": -1})
+    check_post_options({"two_stage": 5, "tlift": True})  # re-ranking on shortlists (tests/test_two_stage_protocol.py)
 
 
 # ------------------------------------------------------------------------------------ score files

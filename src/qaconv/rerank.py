@@ -6,7 +6,8 @@ Two front ends share one core:
   needs about 2 * 4 * (Q+G)^2 bytes (Market: ~3 GB).
 * ``k_reciprocal_knn(nn_index, nn_dist, dist_qg, col_max)``: the memory-bounded form working from
   k-nearest-neighbour lists and a sparse V (MSMT17 size fits in 16 GB). ``knn_lists`` builds the lists
-  and column maxima in one streaming pass over column blocks of the assembled matrix.
+  and column maxima in one streaming pass over column blocks of the assembled matrix;
+  ``candidate_lists`` builds them from per-row candidate sets (shortlists) without any dense matrix.
 
 Conventions shared by both (the official ``reranking()``):
 
@@ -27,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["k_reciprocal", "k_reciprocal_knn", "knn_lists", "top_m"]
+__all__ = ["candidate_lists", "k_reciprocal", "k_reciprocal_knn", "knn_lists", "top_m"]
 
 _CHUNK_ELEMS = 1 << 24  # bound on temporary array sizes (elements)
 
@@ -82,6 +83,40 @@ def knn_lists(
         rows = np.ascontiguousarray((block / col_max[a:b]).T)  # rows a..b of O
         nn_index[a:b], nn_dist[a:b] = top_m(rows, m)
     return nn_index, nn_dist, col_max
+
+
+def candidate_lists(
+    cand: np.ndarray, raw: np.ndarray, col_max: np.ndarray, m: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour lists for ``k_reciprocal_knn`` from per-row candidates instead of full rows.
+
+    Args:
+        cand: [n, K] distinct column indices per row of O (any order).
+        raw: [n, K] raw distances ``D[cand[r, j], r]`` (row r of O before the division by ``col_max[r]``).
+        col_max: [n] the column maxima of D (of the whole column, not only of the candidates).
+        m: list length (at most K).
+
+    Returns ``nn_index`` [n, m] int32 and ``nn_dist`` [n, m] float32: the m smallest ``raw / col_max`` of each
+    row, ascending, ties by the smaller column index (the order of ``knn_lists``). They equal ``knn_lists``
+    on the full matrix whenever each row's m nearest are among its candidates. Memory O(n * K).
+    """
+    cand, raw = np.asarray(cand), np.asarray(raw)
+    if cand.shape != raw.shape or cand.ndim != 2 or len(col_max) != len(cand) or not 1 <= m <= cand.shape[1]:
+        raise ValueError(f"candidate_lists: cand {cand.shape} and raw {raw.shape} must be [n, K] with K >= m = {m} "
+                         f"and col_max [{len(cand)}], got col_max {np.shape(col_max)}")
+    n = len(cand)
+    nn_index = np.empty((n, m), dtype=np.int32)
+    nn_dist = np.empty((n, m), dtype=np.float32)
+    cm = np.asarray(col_max, dtype=np.float32)
+    step = max(1, _CHUNK_ELEMS // cand.shape[1])
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        by_index = np.argsort(cand[a:b], axis=1, kind="stable")  # so that top_m's ties go to the smaller index
+        c = np.take_along_axis(cand[a:b], by_index, axis=1)
+        o = np.take_along_axis(raw[a:b].astype(np.float32), by_index, axis=1) / cm[a:b, None]
+        pos, nn_dist[a:b] = top_m(o, m)
+        nn_index[a:b] = np.take_along_axis(c, pos, axis=1)
+    return nn_index, nn_dist
 
 
 def _reciprocal_mask(nbr: np.ndarray) -> np.ndarray:

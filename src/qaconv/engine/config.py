@@ -190,11 +190,6 @@ class TrainConfig:
                 raise QAConvError("gs_pre_epochs, gs_rerank and gs_save need sampler = graph")
         if self.loss == "memory" and self.matcher != "qaconv" and self.mem_joint_bn:
             raise QAConvError("mem_joint_bn needs matcher = qaconv")
-        if self.two_stage > 0 and (self.rerank or self.tlift):
-            raise QAConvError(
-                "--rerank and --tlift (which re-ranks first) need every query-gallery and gallery-gallery score; "
-                "use them without --two-stage"
-            )
         if self.device is not None:
             from ..matching import pick_device
 

@@ -6,20 +6,24 @@ from __future__ import annotations
 import copy
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.special import expit
+from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
 from ..data.images import scan_images
 from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
 from ..errors import QAConvError
-from ..matching import pick_device
+from ..matching import fold_head, pick_device
 from ..metrics import RankResult, evaluate_rank
+from ..models.pooled import PooledCosine
 from ..names import safe_stem
+from ..rerank import candidate_lists, k_reciprocal_knn
 from .distributed import (
     all_gather_rows,
     extract_features_sharded,
@@ -80,7 +84,9 @@ def rerank_distances(s_qg: np.ndarray, score_fn, num_query: int, opts: dict) -> 
 
     ``score_fn(rows, cols)`` returns the logits between two index ranges/arrays of the stacked
     query+gallery set. Up to ``rerank_dense_max`` images the dense form is used; beyond, neighbour lists
-    are streamed column block by column block, so memory stays O(N * k1) plus the [Q, G] output. With
+    are streamed column block by column block, so memory stays O(N * k1) plus the [Q, G] output. Both
+    assemble D as the official evaluators do, ``[[qq, qg], [qg.T, gg]]`` with ``qg`` = ``s_qg`` (this matters
+    for the asymmetric heads of versions 1.x and 2.0). With
     "logit" the column maxima of -logit may be negative (dividing by them reverses a column's order), as in
     the latest official commit."""
     from ..rerank import k_reciprocal, k_reciprocal_knn, knn_lists
@@ -100,19 +106,31 @@ def rerank_distances(s_qg: np.ndarray, score_fn, num_query: int, opts: dict) -> 
         d_qq, d_gg = dist(score_fn(slice(0, q), slice(0, q))), dist(score_fn(slice(q, n), slice(q, n)))
         checked(np.concatenate([np.maximum(d_qq.max(0), d_qg.max(1)), np.maximum(d_qg.max(0), d_gg.max(0))]))
         return k_reciprocal(d_qg, d_qq, d_gg, **kw)
-    every = slice(0, n)
-
     def column_block(a: int, b: int) -> np.ndarray:
-        block = dist(score_fn(every, slice(a, b)))
+        """D[:, a:b] as the official code assembles D: [[qq, qg], [qg.T, gg]] (qg = s_qg, whatever the head)."""
+        logits = np.empty((n, b - a), dtype=np.float32)
+        qa, qb, ga = min(a, q), min(b, q), max(a, q)
+        if qb > qa:  # query columns
+            logits[:q, : qb - qa] = score_fn(slice(0, q), slice(qa, qb))
+            logits[q:, : qb - qa] = s_qg[qa:qb].T
+        if b > ga:  # gallery columns
+            logits[:q, ga - a :] = s_qg[:, ga - q : b - q]
+            logits[q:, ga - a :] = score_fn(slice(q, n), slice(ga, b))
+        block = dist(logits)
         checked(block.max(axis=0))
         return block
 
     lists = knn_lists(column_block, n, max(opts["k1"] + 1, opts["k2"]))
 
     def pair_dist(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """D[rows, cols] element-wise, in the orientation of column_block."""
         out = np.empty(len(rows), dtype=np.float64)
-        for r in np.unique(rows):
-            sel = np.flatnonzero(rows == r)
+        mixed = (rows < q) != (cols < q)
+        if mixed.any():  # query-gallery pairs: s_qg[query, gallery]
+            r, c = rows[mixed], cols[mixed]
+            out[mixed] = dist(s_qg[np.minimum(r, c), np.maximum(r, c) - q])
+        for r in np.unique(rows[~mixed]):
+            sel = np.flatnonzero((rows == r) & ~mixed)
             out[sel] = dist(score_fn(np.array([r]), cols[sel]))[0]
         return out
 
@@ -120,11 +138,12 @@ def rerank_distances(s_qg: np.ndarray, score_fn, num_query: int, opts: dict) -> 
     return k_reciprocal_knn(nn_index, nn_dist, dist(s_qg), col_max, pair_dist=pair_dist, **kw)
 
 
-def postprocess(s_qg, data, cfg: dict, score_fn=None, progress: bool = True) -> dict[str, np.ndarray]:
+def postprocess(s_qg, data, cfg: dict, score_fn=None, progress: bool = True, reranked=None) -> dict[str, np.ndarray]:
     """Distance matrices [Q, G] to evaluate, by row label: '' (QAConv: -logit) and, when asked, TLIFT_DIRECT
     (``tlift_direct``: 1 - TLift(sigma(logit))), RR (``rerank`` or ``tlift``) and RR_TLIFT (``tlift``:
     1 - TLift(1 - re-ranked distance), the official evaluators' TLift). TLift rows need time stamps.
-    ``score_fn(rows, cols)`` gives logits within the stacked query+gallery set (needed for re-ranking)."""
+    ``score_fn(rows, cols)`` gives logits within the stacked query+gallery set (needed for re-ranking);
+    ``reranked``: the RR matrix when it was computed elsewhere (:func:`shortlist_protocol`)."""
     opts = {**POST_DEFAULTS, **cfg}
     check_post_options(opts)
     rows = {"": -s_qg}
@@ -145,7 +164,7 @@ def postprocess(s_qg, data, cfg: dict, score_fn=None, progress: bool = True) -> 
     if opts["tlift_direct"] and use_time:
         rows[TLIFT_DIRECT] = 1.0 - lift(logit_to_similarity(s_qg, scale=1.0))
     if opts["rerank"] or opts["tlift"]:
-        d_rr = rerank_distances(s_qg, score_fn, len(data.query), opts)
+        d_rr = rerank_distances(s_qg, score_fn, len(data.query), opts) if reranked is None else reranked
         rows[RR] = d_rr
         if opts["tlift"] and use_time:
             rows[RR_TLIFT] = 1.0 - lift(1.0 - d_rr)
@@ -225,11 +244,8 @@ def check_post_options(cfg: dict) -> None:
     """Refuse option combinations that cannot work, before any data is loaded."""
     if cfg.get("rerank_input", "sigmoid") not in RERANK_INPUTS:
         raise QAConvError(f"rerank_input must be one of {', '.join(RERANK_INPUTS)}, got {cfg['rerank_input']!r}")
-    if cfg.get("two_stage", 0) > 0 and (cfg.get("rerank") or cfg.get("tlift")):
-        raise QAConvError(
-            "--rerank and --tlift (which re-ranks) need every query-gallery and gallery-gallery score; "
-            "use them without --two-stage"
-        )
+    if cfg.get("two_stage", 0) < 0:
+        raise QAConvError(f"--two-stage M must be 0 (exhaustive) or positive, got {cfg['two_stage']}")
 
 
 def _two_stage(matcher, q, g, cfg: dict, match: dict, name: str, progress: bool) -> np.ndarray:
@@ -244,6 +260,277 @@ def _two_stage(matcher, q, g, cfg: dict, match: dict, name: str, progress: bool)
     part = split_range(len(q), rank(), world_size())  # in a process group each rank scores its queries
     scores, _ = two_stage_scores(matcher, q[part], g, m, device=match["device"], memory=match["memory"])
     return all_gather_rows(scores).numpy()
+
+
+# -- the protocol on shortlists: --two-stage M with --rerank / --tlift ------------------------------------------
+TAIL_OFFSET = 2.0  # a pair not re-scored for a row sits at (cosine - 2) + the row's smallest logit (two_stage_scores)
+PAIR_BLOCK = 64  # probes per re-scoring block, each padded to the block's longest candidate list
+_ELEMS = 1 << 24  # bound on the elements of one temporary array
+
+
+@dataclass
+class Shortlists:
+    """Pooled-cosine shortlists of the two-stage protocol and their exact QAConv logits: O((Q+G) * M) entries.
+
+    Stack indices count the queries first, then the gallery (N = Q + G). ``emb`` [N, C]: pooled, L2-normalised
+    maps. ``gal_cand`` [Q, Mg] (gallery indices, best first, Mg = min(M, G)): each query's shortlist, as in
+    :func:`~qaconv.gallery.search.two_stage_scores`. ``cand`` [N, K] (stack indices, best first, K = min(N,
+    max(M, list length))) and ``cand_cos``: every image's nearest images, of which the first ``m`` = min(M, N)
+    are re-scored; ``min_cos`` [N]: each row's smallest cosine. ``gal_logit`` [Q, Mg] and ``logit`` [N, m] are
+    the exact logits (:func:`score_shortlists`); ``pairs``: distinct pairs re-scored."""
+
+    num_query: int
+    emb: torch.Tensor
+    gal_cand: np.ndarray
+    cand: np.ndarray
+    cand_cos: np.ndarray
+    min_cos: np.ndarray
+    m: int
+    gal_logit: np.ndarray | None = None
+    logit: np.ndarray | None = None
+    pairs: int = 0
+
+
+def _row_blocks(n: int, width: int) -> list[tuple[int, int]]:
+    step = max(1, _ELEMS // max(width, 1))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _mine(blocks: list) -> list:
+    """This rank's contiguous share of a block list (all of it in one process)."""
+    return blocks[split_range(len(blocks), rank(), world_size())]
+
+
+def _gather_cat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Concatenate this rank's parts and gather every rank's, in rank order."""
+    return all_gather_rows(torch.cat(parts) if parts else like[:0])
+
+
+@torch.inference_mode()
+def shortlist_candidates(q: torch.Tensor, g: torch.Tensor, m: int, lists: int = 21, device=None) -> Shortlists:
+    """First stage of the two-stage protocol: pooled-cosine shortlists (see :class:`Shortlists`), no QAConv yet.
+
+    ``lists``: the re-ranking's list length max(k1 + 1, k2); rows keep at least that many candidates. Row
+    blocks are shared out over the ranks of a process group and gathered."""
+    if m < 1:
+        raise QAConvError(f"--two-stage M must be positive, got {m}")
+    dev = pick_device(device)
+    nq, n = len(q), len(q) + len(g)
+    emb = torch.cat([torch.cat([PooledCosine.embed(x[a:b].to(dev, torch.float32)).cpu()
+                                for a, b in _row_blocks(len(x), 1 << 12)]) for x in (q, g) if len(x)])
+    on_dev = emb.to(dev)
+    mg, k = min(m, len(g)), min(n, max(m, lists))
+    gal_cand = []
+    for a, b in _mine(_row_blocks(nq, len(g))):
+        gal_cand.append((on_dev[a:b] @ on_dev[nq:].t()).topk(mg, dim=1).indices.int().cpu())
+    cand, cand_cos, min_cos = [], [], []
+    for a, b in _mine(_row_blocks(n, n)):
+        cos = on_dev[a:b] @ on_dev.t()
+        top = cos.topk(k, dim=1)
+        cand.append(top.indices.int().cpu())
+        cand_cos.append(top.values.cpu())
+        min_cos.append(cos.amin(dim=1).cpu())
+    like_i, like_f = torch.empty(0, dtype=torch.int32), torch.empty(0)
+    return Shortlists(
+        num_query=nq,
+        emb=emb,
+        gal_cand=_gather_cat(gal_cand, like_i).numpy().reshape(nq, mg),
+        cand=_gather_cat(cand, like_i).numpy().reshape(n, k),
+        cand_cos=_gather_cat(cand_cos, like_f).numpy().reshape(n, k),
+        min_cos=_gather_cat(min_cos, like_f).numpy(),
+        m=min(m, n),
+    )
+
+
+def _pair_key(r: np.ndarray, c: np.ndarray, num_query: int, n: int, symmetric: bool) -> np.ndarray:
+    """int64 key of the QAConv pair behind D[c, r] (row r of the re-ranking's O, column c). The official matrix
+    holds QAConv(probe c, gallery r), except in its gallery x query block: the transposed query-gallery scores,
+    QAConv(probe r, gallery c). A symmetric head keys the unordered pair."""
+    r, c = np.broadcast_arrays(np.asarray(r, dtype=np.int64), np.asarray(c, dtype=np.int64))
+    if symmetric:
+        return np.minimum(r, c) * n + np.maximum(r, c)
+    flip = (r < num_query) & (c >= num_query)
+    return np.where(flip, r, c) * n + np.where(flip, c, r)
+
+
+def _score_pairs(matcher, q, g, probe: np.ndarray, gal: np.ndarray, dev, memory: int, progress: bool) -> np.ndarray:
+    """Exact logits (float32) of the pairs (probe[i], gal[i]) of stack indices.
+
+    Pairs are grouped by probe and by the gallery image's split; blocks of ``PAIR_BLOCK`` probes with similar
+    list lengths go through the two-stage re-scoring kernel, padded to the longest list. The blocks are
+    shared out over the ranks by work and the scores gathered (every rank gets all of them)."""
+    from ..gallery.search import _rescore
+
+    nq = len(q)
+    blocks = []  # (gallery split is g, probe ids [B], pair positions [B, width], valid [B, width])
+    for in_g in (False, True):
+        sel = np.flatnonzero((gal >= nq) == in_g)
+        if not len(sel):
+            continue
+        sel = sel[np.argsort(probe[sel], kind="stable")]
+        ids, start, count = np.unique(probe[sel], return_index=True, return_counts=True)
+        by_len = np.argsort(-count, kind="stable")
+        for k in range(0, len(by_len), PAIR_BLOCK):
+            pick = by_len[k : k + PAIR_BLOCK]
+            cnt = count[pick][:, None]
+            cols = np.arange(int(cnt.max()))
+            blocks.append((in_g, ids[pick], sel[start[pick][:, None] + np.minimum(cols, cnt - 1)], cols < cnt))
+    work = np.array([v.size for *_, v in blocks], dtype=np.int64)
+    owner = np.minimum((np.cumsum(work) - work) * world_size() // max(int(work.sum()), 1), world_size() - 1)
+    mine = [blk for blk, o in zip(blocks, owner, strict=True) if o == rank()]
+    parts = []
+    for in_g, ids, pos, valid in tqdm(mine, desc="re-scoring shortlists", disable=not progress, leave=False):
+        side, offset = (g, nq) if in_g else (q, 0)
+        cand = torch.from_numpy(gal[pos] - offset)
+        parts.append(_rescore(matcher, _take(q, g, ids), side, cand, dev, memory)[torch.from_numpy(valid)])
+    flat = _gather_cat(parts, torch.empty(0)).numpy()
+    out = np.empty(len(probe), dtype=np.float32)
+    out[np.concatenate([pos[valid] for _, _, pos, valid in blocks])] = flat
+    return out
+
+
+@torch.inference_mode()
+def score_shortlists(matcher, q, g, sl: Shortlists, device=None, memory: int | None = None,
+                     progress: bool = False) -> Shortlists:
+    """Fill ``sl.logit`` and ``sl.gal_logit`` with exact QAConv logits, each distinct pair scored once (a
+    symmetric head: each unordered pair once). Returns ``sl``. Extra memory O((Q+G) * M)."""
+    from ..matching import DEFAULT_MEMORY
+
+    dev = pick_device(device)
+    memory = int(DEFAULT_MEMORY if memory is None else memory)
+    was_training = matcher.training
+    matcher.eval()
+    try:
+        fold = fold_head(matcher)
+        symmetric = bool(fold is not None and fold["symmetric"])
+        n, nq, m = len(sl.cand), sl.num_query, sl.m
+        keys = np.empty(n * m + sl.gal_cand.size, dtype=np.int64)
+        for a, b in _row_blocks(n, m):
+            keys[a * m : b * m] = _pair_key(np.arange(a, b)[:, None], sl.cand[a:b, :m], nq, n, symmetric).ravel()
+        keys[n * m :] = _pair_key(np.arange(nq)[:, None], nq + sl.gal_cand, nq, n, symmetric).ravel()
+        keys.sort()
+        uniq = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+        del keys
+        probe, gal = np.divmod(uniq, n)
+        if symmetric:  # either orientation is right: alternate, so that every image probes about half its pairs
+            swap = (probe + gal) % 2 == 1
+            probe[swap], gal[swap] = gal[swap], probe[swap].copy()
+        logits = _score_pairs(matcher, q, g, probe, gal, dev, memory, progress)
+        del probe, gal
+
+        def lookup(r, c):
+            return logits[np.searchsorted(uniq, _pair_key(r, c, nq, n, symmetric))]
+
+        sl.logit = np.empty((n, m), dtype=np.float32)
+        for a, b in _row_blocks(n, m):
+            sl.logit[a:b] = lookup(np.arange(a, b)[:, None], sl.cand[a:b, :m])
+        sl.gal_logit = lookup(np.arange(nq)[:, None], nq + sl.gal_cand)
+        sl.pairs = len(uniq)
+        return sl
+    finally:
+        matcher.train(was_training)
+
+
+def two_stage_matrix(sl: Shortlists, device=None) -> np.ndarray:
+    """The [Q, G] logits of :func:`~qaconv.gallery.search.two_stage_scores` from the shortlists: exact on each
+    query's shortlist, every other item below them in pooled-cosine order, ``(cosine - 2) + min(exact)``."""
+    dev = pick_device(device)
+    nq = sl.num_query
+    ep, eg = sl.emb[:nq].to(dev), sl.emb[nq:].to(dev)
+    out = np.empty((nq, len(eg)), dtype=np.float32)
+    low = sl.gal_logit.min(axis=1)
+    for a, b in _row_blocks(nq, len(eg)):
+        out[a:b] = (ep[a:b] @ eg.t()).cpu().numpy() - TAIL_OFFSET
+        out[a:b] += low[a:b, None]
+    np.put_along_axis(out, sl.gal_cand.astype(np.int64), sl.gal_logit, axis=1)
+    return out
+
+
+class _Distances:
+    """:func:`logit_distance` of a [Q, G] logit matrix, row block by row block (what k_reciprocal_knn reads)."""
+
+    def __init__(self, logits: np.ndarray, convention: str):
+        self.logits, self.convention, self.shape = logits, convention, logits.shape
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return logit_distance(self.logits[rows], self.convention)
+
+
+def _check_col_max(col_max: np.ndarray, convention: str, tail: bool) -> None:
+    if not (np.isfinite(col_max).all() and (col_max != 0).all()):
+        raise QAConvError(f"re-ranking ({convention} input): a column maximum of the distance matrix is "
+                          "0 or not finite, so the column normalisation is undefined; use rerank_input 'sigmoid'")
+    if tail and (col_max < 0).any():
+        raise QAConvError(f"re-ranking ({convention} input) on shortlists: a column maximum of the distance matrix is "
+                          "negative, which would make the images farthest by pooled cosine the nearest; use "
+                          "rerank_input 'sigmoid' or a larger --two-stage M")
+
+
+def shortlist_rerank(sl: Shortlists, s_qg: np.ndarray, opts: dict) -> np.ndarray:
+    """k-reciprocal re-ranked [Q, G] distances from the shortlists (``opts``: POST_DEFAULTS keys), through
+    :func:`qaconv.rerank.k_reciprocal_knn`; no [Q+G]^2 matrix is ever built.
+
+    The re-ranking sees, for each image r (a row of the official O, a column of D), the matrix
+    D~[c, r] = :func:`logit_distance` of: the exact logit for r's ``m`` shortlisted images c (in the official
+    orientation, see :func:`_pair_key`), ``(cosine(r, c) - 2) + min(r's exact logits)`` for every other c, so
+    that in each row the images not re-scored for it rank below the re-scored ones, in pooled-cosine order.
+    Its column maxima are those of D~ (the tail's lowest cosine); the final ``lambda`` term uses ``s_qg`` (the
+    query-gallery two-stage logits). With M >= Q+G and M >= G this is the exhaustive protocol."""
+    conv = opts["rerank_input"]
+    n, m = len(sl.cand), sl.m
+    lists = min(n, max(opts["k1"] + 1, opts["k2"]))
+    tail = m < n
+    width = max(m, lists)
+    low = sl.logit.min(axis=1)  # each row's smallest exact logit
+    raw = np.empty((n, width), dtype=np.float32)  # D~ of every row's first `width` candidates
+    for a, b in _row_blocks(n, width):
+        raw[a:b, :m] = logit_distance(sl.logit[a:b], conv)
+        raw[a:b, m:] = logit_distance((sl.cand_cos[a:b, m:width] - TAIL_OFFSET) + low[a:b, None], conv)
+    col_max = raw.max(axis=1)
+    if tail:
+        col_max = np.maximum(col_max, logit_distance((sl.min_cos - TAIL_OFFSET) + low, conv).astype(np.float32))
+    _check_col_max(col_max, conv, tail)
+    nn_index, nn_dist = candidate_lists(sl.cand[:, :width], raw, col_max, lists)
+    del raw
+    # exact D~ of each row's shortlist, sorted by key r * n + c for the lookups of pair_dist
+    order = np.argsort(sl.cand[:, :m], axis=1)
+    row_keys = (np.arange(n, dtype=np.int64)[:, None] * n + np.take_along_axis(sl.cand[:, :m], order, 1)).ravel()
+    row_logit = np.take_along_axis(sl.logit, order, 1).ravel()
+    del order
+    emb = sl.emb.numpy()
+
+    def pair_dist(c: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """D~[c, r] element-wise: exact on r's shortlist, else the tail's value."""
+        key = r.astype(np.int64) * n + c
+        pos = np.minimum(np.searchsorted(row_keys, key), len(row_keys) - 1)
+        hit = row_keys[pos] == key
+        logit = np.empty(len(key), dtype=np.float32)
+        logit[hit] = row_logit[pos[hit]]
+        rm, cm = r[~hit], c[~hit]
+        logit[~hit] = (np.einsum("ij,ij->i", emb[rm], emb[cm]) - TAIL_OFFSET) + low[rm]
+        return logit_distance(logit, conv)
+
+    return k_reciprocal_knn(nn_index, nn_dist, _Distances(s_qg, conv), col_max, k1=opts["k1"], k2=opts["k2"],
+                            lambda_value=opts["lambda_value"], pair_dist=pair_dist)
+
+
+def shortlist_protocol(matcher, q, g, cfg: dict, match: dict, name: str = "", progress: bool = False):
+    """``(s_qg, d_rr)`` of ``--two-stage M`` with ``--rerank``/``--tlift``: the two-stage [Q, G] logits and the
+    re-ranked [Q, G] distances from pooled-cosine shortlists of M re-scored by QAConv (see
+    :func:`shortlist_rerank`). ``match``: device, memory (bytes). Under torchrun the first stage and the
+    re-scoring are shared out over the ranks; the results are the same on every rank."""
+    opts = {**POST_DEFAULTS, **cfg}
+    m, n = int(opts["two_stage"]), len(q) + len(g)
+    lists = max(opts["k1"] + 1, opts["k2"])
+    sl = shortlist_candidates(q, g, m, lists, device=match["device"])
+    if progress:
+        print(f"{name}: two-stage protocol, QAConv re-scores each query's {sl.gal_cand.shape[1]} best of {len(g)} "
+              f"gallery images and, for re-ranking, each image's {sl.m} nearest of {n} by pooled cosine")
+    score_shortlists(matcher, q, g, sl, device=match["device"], memory=match["memory"], progress=progress)
+    if progress:
+        print(f"{name}: {sl.pairs} distinct pairs re-scored ({sl.pairs / max(n * n, 1):.2%} of all {n}^2)")
+    s_qg = two_stage_matrix(sl, device=match["device"])
+    return s_qg, shortlist_rerank(sl, s_qg, opts)
 
 
 def drop_undecodable(data, strict: bool = False, progress: bool = True):
@@ -291,7 +578,10 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
     q = extract_features_sharded(model, data.query, cfg["height"], cfg["width"], desc=f"{data.name} query", **kw)
     g = extract_features_sharded(model, data.gallery, cfg["height"], cfg["width"], desc=f"{data.name} gallery", **kw)
     match = dict(device=dev, progress=progress, memory=int(cfg["match_memory"] * 2**20))
-    if cfg.get("two_stage", 0) > 0:
+    d_rr = None  # the re-ranked distances, when the shortlist protocol computes them
+    if cfg.get("two_stage", 0) > 0 and (cfg.get("rerank") or cfg.get("tlift")):
+        s_qg, d_rr = shortlist_protocol(matcher, q, g, cfg, match, data.name, progress)
+    elif cfg.get("two_stage", 0) > 0:
         s_qg = _two_stage(matcher, q, g, cfg, match, data.name, progress)
     else:
         s_qg = pairwise_scores_sharded(matcher, q, g, **match).numpy()
@@ -307,7 +597,7 @@ def evaluate_dataset(model, matcher, data, cfg: dict, progress: bool = True, out
                 out[mask] = pairwise_scores_sharded(matcher, prob, gal, **match).numpy()
         return out
 
-    rows = postprocess(s_qg, data, cfg, score_fn, progress=progress)
+    rows = postprocess(s_qg, data, cfg, score_fn, progress=progress, reranked=d_rr)
     ids = (
         [r.pid for r in data.query],
         [r.pid for r in data.gallery],
