@@ -345,8 +345,8 @@ def test_cli_index_then_search(folder, ckpts, tiny_domain, built, extractor, tmp
     base = ["search", *queries, "--index", str(idx), "--checkpoint", ckpts[0], "--device", "cpu", "--top", "4"]
     assert main([*base, "--json", "--exhaustive"]) == 0
     res = json.loads(capsys.readouterr().out)
-    s, rows = gal.search_index(gal.load_index(idx), extractor(queries), extractor.matcher, k=4, exhaustive=True)
-    index = built[0]
+    index = built[0]  # the in-memory index of the same folder: the store must rank as it does
+    s, rows = gal.search_index(index, extractor(queries), extractor.matcher, k=4, exhaustive=True)
     for r, item in enumerate(res):
         assert item["query"] == queries[r] and [x["rank"] for x in item["results"]] == [1, 2, 3, 4]
         assert [x["path"] for x in item["results"]] == [index.paths[g] for g in rows[r]]

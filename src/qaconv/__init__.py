@@ -17,7 +17,7 @@ from .engine.runner import load_trained
 from .errors import QAConvError
 from .export import export_onnx
 from .extractor import FeatureExtractor
-from .gallery import GalleryIndex, build_index, load_index, search_index
+from .gallery import Gallery, GalleryIndex, build_index, load_index, search_index
 from .gallery.search import two_stage_scores, two_stage_topk
 from .loading import TrainedModel, load
 from .matching import Matcher, pairwise_scores
@@ -31,6 +31,7 @@ __all__ = [
     "Matcher",
     "two_stage_scores",
     "two_stage_topk",
+    "Gallery",
     "GalleryIndex",
     "PooledCosine",
     "QAConv",

@@ -363,6 +363,7 @@ def _add_train_args(p, d: dict, explicit: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .calibrate import BANDS_HELP, DIFFERENT_TAR, SAME_FAR
     from .engine.runner import DEFAULTS
 
     parser = Parser(
@@ -419,27 +420,85 @@ def build_parser() -> argparse.ArgumentParser:
         "the official matching/qaconv_match.py (gallery = kernel side, fc weight x bn(cosine)), sigmoid(logit/10)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="JSON",
+        help="calibration from 'qaconv calibrate' for the verdict (default: calibration.json beside the checkpoint, "
+        "if there; without one the score is reported as uncalibrated)",
+    )
+    p.epilog = "The verdict (same person / different / uncertain) and P(same) need a calibration. " + BANDS_HELP
 
-    p = sub.add_parser("index", formatter_class=FORMATTER, help="extract and save the feature maps of a gallery folder")
-    p.add_argument("gallery_dir", help="folder of gallery images (.jpg, .jpeg, .png; searched recursively)")
+    p = sub.add_parser(
+        "calibrate",
+        formatter_class=FORMATTER,
+        help="score distributions, ROC, TAR@FAR and verdict bands on a labelled set; writes calibration.json",
+        description="Measure what QAConv logits mean on a labelled test set (identities and cameras known): "
+        "the logits of same- and different-identity cross-camera query x gallery pairs, the ROC, TAR at "
+        "FAR 1e-2/1e-3/1e-4 with their thresholds, and a Platt-scaled probability; written to calibration.json "
+        "beside the checkpoint (used by 'qaconv match') with a PNG of the histograms and the ROC. " + BANDS_HELP,
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder) written by 'qaconv train'")
-    p.add_argument("-o", "--out", default="gallery.idx", help="index file (npz: float16 maps, metadata, model hash)")
+    p.add_argument(
+        "--testsets", required=True, help="labelled test set(s), comma-separated (pairs pooled): synth_A, a "
+        "Market-layout folder or a CSV manifest"
+    )
+    p.add_argument("-o", "--out", default=None, help="calibration file (default: calibration.json beside the "
+                   "checkpoint, where 'qaconv match' finds it)")
+    p.add_argument("--plot", default=None, help="PNG of histograms and ROC (default: calibration.png beside OUT)")
+    p.add_argument(
+        "--same-far", default=SAME_FAR, type=_positive(float), help="FAR whose threshold starts the 'same person' band"
+    )
+    p.add_argument(
+        "--different-tar", default=DIFFERENT_TAR, type=_positive(float),
+        help="fraction of true matches kept above the 'different' band",
+    )
+    p.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="folder holding the datasets")
+    p.add_argument("-j", "--workers", default=0, type=_positive(int, zero=True), help="data-loading worker processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument("--fea-batch", default=DEFAULTS["fea_batch"], type=_positive(int), help="feature-extraction batch")
+    p.add_argument(
+        "--match-memory", default=DEFAULTS["match_memory"], type=_positive(float),
+        help="memory budget (MB) of one tile of all-pairs matching",
+    )
+    _switch(p, "--strict", "stop at the first undecodable query or gallery image instead of skipping it")
+
+    p = sub.add_parser(
+        "index", formatter_class=FORMATTER, help="extract the feature maps of a gallery folder into a gallery store",
+        description="Build or grow a gallery store: a folder holding a LanceDB table (float16 feature maps, pooled "
+        "vectors, path, pid, camera, time) and a JSON file naming the model. --append adds only new images "
+        "(O(new images), committed in chunks of 4096: a kill keeps what was committed). An old single-file .npz "
+        "index is converted with --convert OLD.npz -o STORE.",
+    )
+    p.add_argument("gallery_dir", nargs="?", default=None,
+                   help="folder of gallery images (.jpg, .jpeg, .png; searched recursively)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint.pt (or its folder) written by 'qaconv train' (required unless --convert)")
+    p.add_argument("-o", "--out", default="gallery.store", help="gallery store folder to create or grow")
     p.add_argument("--manifest", default=None, help="CSV 'path,pid,camid[,time]' overriding Market-style names")
     p.add_argument("--append", action="store_true", help="add only images not yet in OUT (same model required)")
     p.add_argument("--overwrite", action="store_true", help="rebuild OUT when it already exists")
+    p.add_argument("--convert", default=None, metavar="OLD_INDEX",
+                   help="convert an old single-file .npz index into the store OUT (no model needed)")
     p.add_argument("-b", "--batch-size", default=64, type=_positive(int), help="images per forward pass")
     p.add_argument("-j", "--workers", default=2, type=_positive(int), help="image-decoding threads")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
 
-    p = sub.add_parser("search", formatter_class=FORMATTER, help="rank the images of a gallery index for queries")
+    p = sub.add_parser("search", formatter_class=FORMATTER, help="rank the images of a gallery store for queries")
     p.add_argument("queries", nargs="+", metavar="QUERY", help="query images or folders of them")
-    p.add_argument("--index", required=True, help="index file written by 'qaconv index'")
-    p.add_argument("--checkpoint", required=True, help="the checkpoint the index was built with")
+    p.add_argument("--index", required=True, help="gallery store written by 'qaconv index'")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint the store was built with")
     p.add_argument("--top", default=10, type=_positive(int), help="results per query")
     p.add_argument(
         "--candidates", default=100, type=_positive(int), help="pooled-cosine shortlist re-scored by QAConv (M)"
     )
     p.add_argument("--exhaustive", action="store_true", help="score every gallery image with QAConv")
+    p.add_argument("--cameras", default=None, help="only gallery images of these camera labels, comma-separated "
+                   "(default: all)")
+    p.add_argument("--time-window", default=None, metavar="START,END", help="only gallery images with a time stamp "
+                   "in [START, END] seconds; either side may be empty (default: all, with or without time)")
+    p.add_argument("--exclude-same-camera", action="store_true",
+                   help="leave out the gallery images of each query's own camera")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--html", default=None, help="also write an HTML page (thumbnails in a folder next to it)")
     p.add_argument("--tlift", action="store_true", help="re-rank with temporal lifting (index needs times)")
@@ -484,6 +543,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--opset", default=17, type=_positive(int), help="ONNX opset version")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
+
+    p = sub.add_parser("serve", formatter_class=FORMATTER, help="serve a gallery store over HTTP (search, add)")
+    p.add_argument("--gallery", required=True, help="gallery store folder (from 'qaconv index')")
+    p.add_argument("--checkpoint", default=None, help="the store's model (default: the checkpoint it records)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", default=8000, type=_positive(int), help="TCP port")
+    p.add_argument("--image-root", default=None,
+                   help="the only folder images may be read from by path (default: none, by-path requests refused)")
+    p.add_argument("--max-upload-mb", default=10.0, type=_positive(float), help="largest image accepted, MiB")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if available)")
 
     p = sub.add_parser("data", formatter_class=FORMATTER, help="inspect datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
@@ -555,42 +624,153 @@ def _cmd_match(args) -> None:
     )  # fmt: skip
     name = "logit" if args.semantics == "default" else "sigmoid(logit/10)"
     print(f"QAConv {name} {score:.3f}; wrote {path}")
+    _print_verdict(args, extractor, score)
+
+
+def _print_verdict(args, extractor, score: float) -> None:
+    """The verdict line of ``qaconv match`` (see qaconv.calibrate.verdict); a calibration of another model is
+    refused in one line on stderr and the score reported as uncalibrated."""
+    from .calibrate import find_calibration, verdict
+    from .gallery import model_identity
+
+    # official semantics report sigmoid(logit / 10) of the gallery-as-kernel logit: recover that logit
+    logit = score if args.semantics == "default" else 10 * math.log(max(score, 1e-300) / max(1 - score, 1e-300))
+    try:
+        cal = find_calibration(args.checkpoint, model_identity(extractor, args.checkpoint), args.calibration)
+    except QAConvError as exc:
+        if args.calibration:  # asked for explicitly: an error
+            raise
+        print(f"qaconv match: calibration refused: {_printable(exc)}", file=sys.stderr)
+        cal = None
+    print(f"verdict: {verdict(logit, cal)['message']}")
+
+
+def _cmd_calibrate(args) -> None:
+    from .calibrate import calibrate_checkpoint, calibration_path, format_table, plot_calibration, save_calibration
+
+    if not 0 < args.same_far < 1:
+        raise QAConvError(f"--same-far must be a false-accept rate in (0, 1), got {args.same_far}")
+    if not 0 < args.different_tar <= 1:
+        raise QAConvError(f"--different-tar must be a fraction in (0, 1], got {args.different_tar}")
+    out = Path(args.out) if args.out else calibration_path(args.checkpoint)
+    if out.is_dir():
+        raise QAConvError(f"{out} is a folder: -o names the calibration file to write (e.g. {out / 'calib.json'})")
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    cal, _ = calibrate_checkpoint(
+        args.checkpoint, args.testsets, data_dir=args.data_dir, device=args.device, workers=args.workers,
+        fea_batch=args.fea_batch, match_memory=args.match_memory, strict=args.strict, same_far=args.same_far,
+        different_tar=args.different_tar,
+    )  # fmt: skip
+    print(f"calibration of {_printable(args.checkpoint)} (model {cal['model']['hash'][:12]}) on "
+          f"{_printable(', '.join(cal['testsets']))}:")
+    print(format_table(cal))
+    for name, row in cal.get("per_testset", {}).items():
+        tars = ", ".join(f"TAR@{r['far']:g} " + ("-" if r["tar"] is None else f"{100 * r['tar']:.1f}%")
+                         for r in row["tar_at_far"])
+        print(f"  {_printable(name)}: {row['pairs']['positive']:,}+ / {row['pairs']['negative']:,}- pairs, "
+              f"AUC {row['auc']:.4f}, {tars}")
+    save_calibration(cal, out)
+    plot_calibration(cal, plot, title=f"QAConv logits on {', '.join(cal['testsets'])}")
+    print(f"wrote {out} and {plot}")
+
+
+def _index_target(out: Path, args) -> bool:
+    """Check -o before any work; True when OUT is an existing store to append to."""
+    from .gallery import is_store
+    from .gallery.store import Store
+
+    if out.is_dir() and not is_store(out):
+        raise QAConvError(f"{out} is a folder but not a gallery store: -o names the store to create "
+                          f"(e.g. {out / 'gallery.store'})")
+    if not out.parent.is_dir():
+        raise QAConvError(f"the folder of {out} does not exist: create {out.parent} first")
+    if not (out.exists() or out.is_symlink()):
+        return False
+    if args.append and not args.convert:
+        if out.is_file():
+            Store.open(out)  # an old .npz index or another file: refused, naming the command that converts it
+        return True
+    if not args.overwrite:
+        raise QAConvError(f"{out} exists: pass --append to add new images or --overwrite to rebuild it")
+    return False
+
+
+def _replace(out: Path, build) -> None:
+    """Run ``build(target)``; the new store replaces ``out`` only when it completes (a failed build is removed)."""
+    import os
+    import shutil
+    import uuid
+
+    target = out if not (out.exists() or out.is_symlink()) else out.parent / f".{out.name}.new-{uuid.uuid4().hex[:8]}"
+    try:
+        build(target)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    if target != out:
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        with writing(out):
+            os.rename(out, old)
+            os.rename(target, out)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
 
 def _cmd_index(args) -> None:
     import numpy as np
 
-    from .extractor import FeatureExtractor
-    from .gallery import append_index, build_index, load_index, save_index
+    from .gallery import Gallery
 
     out = Path(args.out)
+    if args.convert:
+        if args.gallery_dir or args.append or args.manifest:
+            raise QAConvError("--convert OLD_INDEX takes no GALLERY_DIR, --append or --manifest")
+        _index_target(out, args)
+        _replace(out, lambda target: Gallery.convert(args.convert, target))
+        print(f"converted {_printable(args.convert)} into {_printable(out)}: {len(Gallery.open(out))} images")
+        return
+    if args.gallery_dir is None:
+        raise QAConvError("index needs GALLERY_DIR (a folder of images), or --convert OLD_INDEX")
     if not Path(args.gallery_dir).is_dir():
         raise QAConvError(f"gallery folder {args.gallery_dir} does not exist or is not a folder")
-    if out.is_dir():
-        raise QAConvError(f"{out} is a folder: -o names the index file to write (e.g. {out / 'gallery.idx'})")
-    if not out.parent.is_dir():
-        raise QAConvError(f"the folder of {out} does not exist: create {out.parent} first")
-    if out.exists() and not (args.append or args.overwrite):
-        raise QAConvError(f"{out} exists: pass --append to add new images or --overwrite to rebuild it")
-    old = load_index(out) if args.append and out.exists() else None
-    extractor = FeatureExtractor(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    append = _index_target(out, args)
+    if args.checkpoint is None:
+        raise QAConvError("index needs --checkpoint (the model that extracts the feature maps)")
     kw = dict(manifest=args.manifest, workers=args.workers)
-    if old is not None:
-        index, report = append_index(old, args.gallery_dir, extractor, args.checkpoint, **kw)
+    model = dict(device=args.device, batch_size=args.batch_size)
+    reports = []
+    if append:
+        gallery = Gallery.open(out, args.checkpoint, **model)
+        gallery.extractor  # noqa: B018 - loads the model: another one than the store's is refused here
+        before = len(gallery)
+        reports.append(gallery.add_folder(args.gallery_dir, **kw))
     else:
-        index, report = build_index(args.gallery_dir, extractor, args.checkpoint, **kw)
+        def build(target):
+            g = Gallery.create(target, args.checkpoint, **model)
+            reports.append(g.add_folder(args.gallery_dir, **kw))
+            if not reports[0]["added"]:
+                bad = reports[0]["unreadable"]
+                raise QAConvError(f"no readable images in {args.gallery_dir}: all {len(bad)} failed to decode, e.g. "
+                                  f"{bad[0][0] if bad else '-'}")
+
+        before = 0
+        _replace(out, build)
+        gallery = Gallery.open(out, args.checkpoint, **model)
+    report = reports[0]
     bad = report["unreadable"]
-    print(f"added {report['added']} images, skipped {report['skipped']} already in the index, "
+    print(f"added {report['added']} images, skipped {report['skipped']} already in the store, "
           f"{len(bad)} unreadable skipped" + "".join(f"\n  {_printable(p)}: {_printable(why)}" for p, why in bad[:5]))
     if report["manifest_unmatched"]:
         print(f"{report['manifest_unmatched']} manifest rows name no image in {args.gallery_dir} (ignored)")
-    if old is not None and not report["added"]:
-        print(f"{out} unchanged: {len(index)} images")
+    if append and len(gallery) == before:
+        print(f"{out} unchanged: {len(gallery)} images")
         return
-    save_index(index, out)
-    c, h, w = index.feature_shape
-    print(f"wrote {out}: {len(index)} images, feature maps {c}x{h}x{w} float16 "
-          f"({index.features.nbytes / 2**20:.1f} MB), {int(np.isfinite(index.times).sum())} with time stamps")
+    c, h, w = gallery.feature_shape
+    timed = int(np.isfinite(gallery.times).sum())
+    print(f"wrote {out}: {len(gallery)} images, feature maps {c}x{h}x{w} float16 "
+          f"({len(gallery) * c * h * w * 2 / 2**20:.1f} MB), {timed} with time stamps")
 
 
 def _split_values(text, n: int, kind, name: str):
@@ -604,44 +784,62 @@ def _split_values(text, n: int, kind, name: str):
     return values * n if len(values) == 1 else values
 
 
+def _time_window(text: str | None):
+    if text is None:
+        return None
+    parts = [v.strip() for v in text.split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, end = (float(v) if v else None for v in parts)
+    except ValueError:
+        raise QAConvError(f"--time-window must be START,END in seconds (either may be empty), got '{text}'") from None
+    if any(v is not None and not math.isfinite(v) for v in (start, end)) or (None not in (start, end) and start > end):
+        raise QAConvError(f"--time-window must be START,END with finite START <= END, got '{text}'")
+    return start, end
+
+
 def _cmd_search(args) -> None:
     import json
 
     import numpy as np
 
-    from . import gallery as gal
     from .data.market import IMAGE_SUFFIXES
-    from .extractor import FeatureExtractor
+    from .gallery import Gallery, check_query_maps, list_images
 
-    index = gal.load_index(args.index)
+    window = _time_window(args.time_window)
+    cameras = [c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras is not None else None
+    gallery = Gallery.open(args.index, args.checkpoint, device=args.device, batch_size=args.batch_size)
     queries = []
     for q in map(Path, args.queries):
         if q.is_dir():
-            queries += [q / p for p in gal.list_images(q)]
+            queries += [q / p for p in list_images(q)]
         elif q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES:
             queries.append(q)
         else:
             raise QAConvError(f"query {q} is not an image file ({', '.join(IMAGE_SUFFIXES)}) or a folder")
     if not queries:
         raise QAConvError("no query images found")
-    extractor = FeatureExtractor(args.checkpoint, device=args.device, batch_size=args.batch_size)
-    gal.check_model(index, gal.model_identity(extractor, args.checkpoint))
+    extractor = gallery.extractor  # another model than the store's is refused here
     maps = extractor([str(q) for q in queries])
-    gal.check_query_maps(maps, [_printable(q) for q in queries])
+    check_query_maps(maps, [_printable(q) for q in queries])
     n = len(queries)
     cams = _split_values(args.query_cam, n, str, "query-cam") if args.query_cam else None
     times = _split_values(args.query_time, n, float, "query-time") if args.query_time else None
-    pids, q_cams, labels, q_times, g_times = gal.query_metadata(index, [q.name for q in queries], cams, times)
-    kw = dict(k=args.top, candidates=args.candidates, exhaustive=args.exhaustive, device=args.device)
+    names = [q.name for q in queries]
+    pids, q_cams, labels, q_times, _ = gallery.query_metadata(names, cams, times)
+    kw = dict(top=args.top, candidates=args.candidates, exhaustive=True if args.exhaustive else None,
+              cameras=cameras, time_window=window, query_cameras=labels)
     if args.tlift:
         if not np.isfinite(q_times).all() or (q_cams < 0).any():
             raise QAConvError("--tlift needs each query's camera and time: Market-style names or --query-cam/-time")
+        if args.exclude_same_camera:
+            raise QAConvError("--exclude-same-camera does not combine with --tlift (TLift weighs cameras itself)")
         lift = dict(tau=args.tau, sigma=args.sigma, tlift_k=args.tlift_k, alpha=args.alpha)
-        scores, rows = gal.tlift_search(index, maps, extractor.matcher, q_cams, q_times, g_times, **lift, **kw)
+        ranked = gallery.tlift_search(maps, query_names=names, query_times=times, **lift, **kw)
     else:
-        scores, rows = gal.search_index(index, maps, extractor.matcher, **kw)
+        ranked = gallery.search(maps, exclude_same_camera=args.exclude_same_camera, **kw)
     kind = "TLift-lifted similarity" if args.tlift else "QAConv logit"
-    ranked = gal.result_rows(index, scores, rows)
     results = [{"query": str(q), "pid": int(p), "cam": c, "time": float(t) if np.isfinite(t) else None,
                 "score": kind, "results": r}
                for q, p, c, t, r in zip(queries, pids, labels, q_times, ranked, strict=True)]
@@ -658,14 +856,24 @@ def _cmd_search(args) -> None:
     if args.html:
         from .viz.search_html import write_search_html
 
-        path = write_search_html(args.html, results, index.root, title=f"qaconv search: {Path(args.index).name}")
+        root = gallery.root or str(Path(args.index).resolve().parent)
+        path = write_search_html(args.html, results, root, title=f"qaconv search: {Path(args.index).name}")
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+
+
 def _cmd_convert(args) -> None:
     from .convert import convert_official
 
     kw = {k: getattr(args, k) for k in ("arch", "ibn", "final_layer", "neck", "height", "width", "overwrite")}
     path = convert_official(args.official, args.out_dir, **kw)
     print(f"wrote {path}; evaluate with: qaconv evaluate --checkpoint {args.out_dir} --testsets NAME")
+
+
+def _cmd_serve(args) -> None:
+    from .gallery.service import serve
+
+    serve(args.gallery, args.checkpoint, host=args.host, port=args.port, image_root=args.image_root,
+          max_upload_bytes=int(args.max_upload_mb * 2**20), device=args.device)
 
 
 def _cmd_export(args) -> None:
@@ -725,10 +933,12 @@ def main(argv: list[str] | None = None) -> int:
         "synth": _cmd_synth,
         "data": _cmd_data,
         "match": _cmd_match,
+        "calibrate": _cmd_calibrate,
         "index": _cmd_index,
         "search": _cmd_search,
         "convert": _cmd_convert,
         "export": _cmd_export,
+        "serve": _cmd_serve,
     }
     try:
         if args.command == "demo":

@@ -1,11 +1,19 @@
 """Gallery storage, search and serving.
 
-* :mod:`qaconv.gallery.meta`: per-image metadata (pid, camera, time) from file names or a manifest.
+* :mod:`qaconv.gallery.api`: :class:`Gallery`, a store that grows (add, remove, filtered search, TLift).
+* :mod:`qaconv.gallery.store`: the store on disk (a LanceDB table plus a JSON file naming the model).
+* :mod:`qaconv.gallery.query`: filters, the pooled-cosine first stage and exact re-scoring over a store's rows.
 * :mod:`qaconv.gallery.search`: pooled-cosine shortlists and exact QAConv re-scoring (two-stage search).
-* :mod:`qaconv.gallery.index`: the ``.npz`` gallery index (build, append, load, search); its public names are
-  re-exported here, so ``from qaconv.gallery import build_index`` works.
+* :mod:`qaconv.gallery.meta`: per-image metadata (pid, camera, time) from file names or a manifest.
+* :mod:`qaconv.gallery.identity`, :mod:`qaconv.gallery.extract`: model identity; feature maps of image files.
+* :mod:`qaconv.gallery.index`: the legacy single-file ``.npz`` index, in memory (build, load, search); its
+  public names are re-exported here, so ``from qaconv.gallery import build_index`` works. Convert an old file
+  with ``qaconv index --convert OLD.npz -o STORE`` (:meth:`Gallery.convert`).
 """
 
+from .api import Gallery
+from .extract import check_query_maps, list_images
+from .identity import model_identity
 from .index import (
     FORMAT,
     GALLERY_BLOCK,
@@ -13,10 +21,7 @@ from .index import (
     append_index,
     build_index,
     check_model,
-    check_query_maps,
-    list_images,
     load_index,
-    model_identity,
     query_metadata,
     result_rows,
     save_index,
@@ -24,15 +29,18 @@ from .index import (
     shortlist,
     tlift_search,
 )
+from .store import is_store
 
 __all__ = [
     "FORMAT",
     "GALLERY_BLOCK",
+    "Gallery",
     "GalleryIndex",
     "append_index",
     "build_index",
     "check_model",
     "check_query_maps",
+    "is_store",
     "list_images",
     "load_index",
     "model_identity",

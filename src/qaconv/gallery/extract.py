@@ -48,12 +48,13 @@ def check_query_maps(query_maps: torch.Tensor, names=None) -> None:
     check_finite_rows(ok, names, "non-finite (NaN/inf) query feature maps for", "check the checkpoint and the images")
 
 
-def half_maps(maps: torch.Tensor, names) -> tuple[np.ndarray, np.ndarray]:
+def half_maps(maps: torch.Tensor, names,
+              what: str = "the model gave non-finite features (NaN/inf, or float16 overflow) for",
+              ) -> tuple[np.ndarray, np.ndarray]:
     """``(float16 maps, float32 unit pooled vectors of those fp16 maps)`` as numpy; non-finite rows refused
-    (NaN/inf, or float16 overflow), naming them."""
+    (NaN/inf, or float16 overflow), naming them (``what`` starts the message)."""
     half = maps.detach().cpu().half()
-    check_finite_rows(half.flatten(1).isfinite().all(1).numpy(), list(names),
-                      "the model gave non-finite features (NaN/inf, or float16 overflow) for", "check the checkpoint")
+    check_finite_rows(half.flatten(1).isfinite().all(1).numpy(), list(names), what, "check the checkpoint")
     return half.numpy(), PooledCosine.embed(half.float()).numpy()
 
 
