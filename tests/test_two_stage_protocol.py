@@ -260,3 +260,77 @@ def test_exhaustive_knn_path_assembles_the_official_matrix_for_asymmetric_heads(
     dense = postprocess(full[:Q, Q:], data, cfg, score_fn, progress=False)[RR]
     knn = postprocess(full[:Q, Q:], data, {**cfg, "rerank_dense_max": 0}, score_fn, progress=False)[RR]
     np.testing.assert_allclose(knn, dense, rtol=0, atol=1e-6)
+
+
+_WORKER = """
+import sys
+import numpy as np
+import torch
+from qaconv.engine import distributed as ddp
+from qaconv.engine.evaluator import shortlist_protocol
+from qaconv.models.qaconv import QAConv
+
+torch.set_num_threads(1)
+assert ddp.init_from_env("cpu") and ddp.world_size() == 2
+saved = torch.load(sys.argv[1])
+head = QAConv(*saved["shape"], version=saved["version"])
+head.load_state_dict(saved["head"])
+s_qg, d_rr = shortlist_protocol(head.eval(), saved["q"], saved["g"], saved["cfg"], {"device": "cpu", "memory": 1 << 26})
+np.savez(sys.argv[2] + f"_rank{ddp.rank()}.npz", s_qg=s_qg, d_rr=d_rr)
+"""
+
+
+def _two_ranks(argv, env, attempts=3):
+    """Start argv as ranks 0 and 1 of a gloo group (as torchrun does); retried on a port taken meanwhile."""
+    import os
+    import socket
+    import subprocess
+
+    for _ in range(attempts):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = [subprocess.Popen(argv, env={**os.environ, **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        if all(p.returncode == 0 for p in procs) or not any("EADDRINUSE" in err for _, err in outs):
+            return [(p.returncode, err) for p, (_, err) in zip(procs, outs, strict=True)]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outs, strict=True)]
+
+
+@pytest.mark.parametrize("version", ["2.1", "1"])
+def test_two_processes_give_the_single_process_result(version, tmp_path, monkeypatch):
+    """Under torchrun the first stage and the re-scoring are shared out; every rank ends with the one-process
+    numbers (same blocks, so bitwise)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    import qaconv
+
+    monkeypatch.setattr(ev, "PAIR_BLOCK", 4)  # several re-scoring blocks to share out
+    monkeypatch.setattr(ev, "_ELEMS", 200)  # several first-stage row blocks
+    head = _head(version, seed=11)
+    q, g, _ = _world(12)
+    cfg = {**OPTS, "tlift": True, "two_stage": 6}
+    torch.set_num_threads(1)
+    try:
+        want = shortlist_protocol(head, q, g, cfg, MATCH)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    torch.save({"q": q, "g": g, "head": head.state_dict(), "shape": (C, H, W), "version": version, "cfg": cfg},
+               tmp_path / "in.pt")
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER.replace('torch.set_num_threads(1)\n',
+                                      'torch.set_num_threads(1)\nimport qaconv.engine.evaluator as ev\n'
+                                      'ev.PAIR_BLOCK, ev._ELEMS = 4, 200\n'))
+    src = str(Path(qaconv.__file__).parents[1])
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    for r, (code, err) in enumerate(_two_ranks([sys.executable, str(script), str(tmp_path / "in.pt"),
+                                                str(tmp_path / "out")], env)):
+        assert code == 0, f"rank {r} failed:\n{err[-3000:]}"
+    for r in range(2):
+        got = np.load(tmp_path / f"out_rank{r}.npz")
+        np.testing.assert_array_equal(got["s_qg"], want[0])
+        np.testing.assert_array_equal(got["d_rr"], want[1])
