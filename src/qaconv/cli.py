@@ -501,6 +501,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", default=17, type=_positive(int), help="ONNX opset version")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
 
+    p = sub.add_parser("serve", formatter_class=FORMATTER, help="serve a gallery store over HTTP (search, add)")
+    p.add_argument("--gallery", required=True, help="gallery store folder (from 'qaconv index')")
+    p.add_argument("--checkpoint", default=None, help="the store's model (default: the checkpoint it records)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", default=8000, type=_positive(int), help="TCP port")
+    p.add_argument("--image-root", default=None,
+                   help="the only folder images may be read from by path (default: none, by-path requests refused)")
+    p.add_argument("--max-upload-mb", default=10.0, type=_positive(float), help="largest image accepted, MiB")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if available)")
+
     p = sub.add_parser("data", formatter_class=FORMATTER, help="inspect datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     q = data_sub.add_parser(
@@ -768,6 +778,13 @@ def _cmd_convert(args) -> None:
     print(f"wrote {path}; evaluate with: qaconv evaluate --checkpoint {args.out_dir} --testsets NAME")
 
 
+def _cmd_serve(args) -> None:
+    from .gallery.service import serve
+
+    serve(args.gallery, args.checkpoint, host=args.host, port=args.port, image_root=args.image_root,
+          max_upload_bytes=int(args.max_upload_mb * 2**20), device=args.device)
+
+
 def _cmd_export(args) -> None:
     from .export import export_onnx
 
@@ -829,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         "search": _cmd_search,
         "convert": _cmd_convert,
         "export": _cmd_export,
+        "serve": _cmd_serve,
     }
     try:
         if args.command == "demo":
