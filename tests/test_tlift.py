@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qaconv.errors import QAConvError
 from qaconv.tlift import tlift
 
 
@@ -78,7 +79,8 @@ def test_dtype_kept_and_chunking_equivalent(monkeypatch):
     ref = tlift(*case)
     import qaconv.tlift as mod
 
-    monkeypatch.setattr(mod, "_CHUNK_ELEMS", 7)  # forces one-probe chunks
+    monkeypatch.setattr(mod, "_KERNEL_ELEMS", 7)  # one column per chunk
+    monkeypatch.setattr(mod, "_PIVOT_ELEMS", 1)  # one probe per group
     np.testing.assert_allclose(tlift(*case), ref, rtol=1e-12)
     out32 = tlift(case[0].astype(np.float32), *case[1:])
     assert out32.dtype == np.float32
@@ -86,7 +88,7 @@ def test_dtype_kept_and_chunking_equivalent(monkeypatch):
 
 
 def test_bad_shapes_raise():
-    with pytest.raises(ValueError, match="q_cams"):
+    with pytest.raises(QAConvError, match="q_cams"):
         tlift(np.zeros((2, 3)), [0], [0, 0], [0, 0, 0], [0, 0, 0])
 
 

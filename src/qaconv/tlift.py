@@ -7,91 +7,308 @@ Score convention: ``score`` must be a similarity, larger = more alike, roughly i
 around 0.01-0.1 for the default ``alpha`` to be sensible: ``sigmoid(logit / 10)`` of QAConv, or a
 re-ranked ``1 - dist``. Raw QAConv logits (unbounded, possibly negative) should not be fed directly.
 
-The result equals the official per-probe loop; it is computed per (probe camera, gallery camera)
-block with numpy, in probe chunks so that memory stays bounded at Market size and beyond.
+The result equals the official per-probe loop (to rounding). It is computed in four compiled passes:
+each row's k largest scores per gallery camera (one pass over ``score``); per probe and gallery camera
+the threshold (the k-th largest of its co-occurring group, merged from those lists) and the pivot
+counts; the Gaussian kernel of each gallery camera, computed once per camera in column chunks; and
+``w = counts @ kernel / #pivots`` fused with ``(w + alpha) * score``, written straight into the output.
+Extra memory is O(Q x cameras x k) plus one kernel chunk (``_KERNEL_ELEMS``) plus the pivot lists of
+one probe group (``_PIVOT_ELEMS``), whatever the size of ``score``.
 """
 
 from __future__ import annotations
 
+import threading
+
+import numba
 import numpy as np
-import scipy.sparse as sp
+from numba import njit, prange
 
-__all__ = ["tlift", "co_occurrence_windows"]
+from .errors import QAConvError
 
-# Upper bound on the number of elements of one temporary [probes, window, gallery-in-camera] array.
-_CHUNK_ELEMS = 1 << 23
+__all__ = ["tlift"]
 
-
-def co_occurrence_windows(times: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
-    """For times sorted ascending, the half-open window [lo_i, hi_i) of indices j that may co-occur with i.
-
-    The window is widened by one on each side so that the exact test ``|t_j - t_i| < tau`` (applied by
-    the caller, exactly as the official code does) decides the boundary, not the rounding of ``t_i ± tau``.
-    """
-    times = np.asarray(times, dtype=np.float64)
-    lo = np.searchsorted(times, times - tau, side="right") - 1
-    hi = np.searchsorted(times, times + tau, side="left") + 1
-    n = len(times)
-    return np.clip(lo, 0, n), np.clip(hi, 0, n)
+# Elements (float64) of one kernel chunk: the kernels of all gallery cameras against a chunk of columns.
+_KERNEL_ELEMS = 1 << 22
+# Pivot entries (column, count) held at once; probes are processed in groups under this bound.
+_PIVOT_ELEMS = 1 << 24
+# The workqueue threading layer (numba's fallback) must not be entered from two threads at once.
+_LOCK = threading.Lock()
 
 
-def _block_weights(s: np.ndarray, tp: np.ndarray, tg: np.ndarray, tau: float, sigma: float, k: int) -> np.ndarray:
-    """Weights w [P_c, G_c] for the probes of one camera (sorted by time ``tp``) against one gallery camera.
+def _n_spans(n: int) -> int:
+    """Contiguous spans of work for ``n`` probes: a few per thread, for balance."""
+    return max(1, min(n, 4 * numba.get_num_threads()))
 
-    ``s`` [P_c, G_c] holds the scores of those probes against that camera's gallery (float64).
-    Pivots are found from every row's k largest entries (an entry >= the threshold lies there unless it
-    ties with the threshold; rows whose whole top-k clears the threshold are re-scanned in full), and the
-    weights are ``counts @ kernel`` with a sparse pivot-count matrix, so the cost is ~#pivots x G_c.
-    """
-    n_p, n_g = s.shape
-    lo, hi = co_occurrence_windows(tp, tau)
-    wmax = int((hi - lo).max())
-    kk = min(k, n_g)
-    top_idx = np.argpartition(s, n_g - kk, axis=1)[:, n_g - kk :]  # each row's kk largest (unordered)
-    top = np.take_along_axis(s, top_idx, axis=1)
-    row_min = s.min(axis=1)
-    w = np.empty((n_p, n_g), dtype=np.float64)
-    step = max(1, min(_CHUNK_ELEMS // max(1, wmax * kk), _CHUNK_ELEMS // n_g))
-    offs = np.arange(wmax)
-    for a in range(0, n_p, step):
-        b = min(n_p, a + step)
-        idx = lo[a:b, None] + offs[None, :]  # [b-a, wmax]
-        inside = idx < hi[a:b, None]
-        idx = np.minimum(idx, n_p - 1)
-        co = inside & (np.abs(tp[idx] - tp[a:b, None]) < tau)  # exact official predicate
-        n_co = co.sum(axis=1)  # >= 1: a probe co-occurs with itself
-        # Threshold: k-th largest of all co-occurring scores if there are more than k values, else the smallest.
-        topv = top[idx]  # [b-a, wmax, kk]
-        thr = np.where(co, row_min[idx], np.inf).min(axis=1)
-        many = n_co * n_g > k
-        if many.any():
-            cand = np.where(co[:, :, None], topv, -np.inf)[many].reshape(int(many.sum()), -1)
-            thr[many] = np.partition(cand, cand.shape[1] - k, axis=1)[:, cand.shape[1] - k]
-        # Pivots: (probe i, gallery g) once per co-occurring probe j with s[j, g] >= thr_i.
-        ge = co[:, :, None] & (topv >= thr[:, None, None])
-        pi, pw, pk = np.nonzero(ge)
-        piv_i, piv_g = [pi], [top_idx[idx[pi, pw], pk]]
-        if kk < n_g:  # ties with the threshold may lie outside a row's top-kk
-            fi, fw = np.nonzero(ge.all(axis=2))
-            fstep = max(1, _CHUNK_ELEMS // n_g)
-            for c in range(0, len(fi), fstep):
-                ii, jj = fi[c : c + fstep], idx[fi[c : c + fstep], fw[c : c + fstep]]
-                extra = s[jj] >= thr[ii, None]
-                extra[np.arange(len(ii))[:, None], top_idx[jj]] = False  # already counted
-                ei, eg = np.nonzero(extra)
-                piv_i.append(ii[ei])
-                piv_g.append(eg)
-        piv_i, piv_g = np.concatenate(piv_i), np.concatenate(piv_g)
-        used, col = np.unique(piv_g, return_inverse=True)
-        cnt = sp.csr_matrix((np.ones(len(piv_i)), (piv_i, col)), shape=(b - a, len(used)))
-        total = np.asarray(cnt.sum(axis=1))
-        ustep = max(1, _CHUNK_ELEMS // n_g)
-        acc = np.zeros((b - a, n_g), dtype=np.float64)
-        for u in range(0, len(used), ustep):
-            kern = np.exp(-np.square(tg[used[u : u + ustep], None] - tg[None, :]) / (sigma * sigma))
-            acc += cnt[:, u : u + ustep] @ kern
-        w[a:b] = acc / total
-    return w
+
+@njit(cache=True, inline="always")
+def _push(vals, idx, n, m, v, i):  # pragma: no cover - compiled
+    """Insert (v, i) into the descending list vals[:n] of at most m entries (after equal values); new n."""
+    if n == m and v <= vals[m - 1]:
+        return n
+    q = n if n < m else m - 1
+    while q > 0 and vals[q - 1] < v:
+        vals[q] = vals[q - 1]
+        idx[q] = idx[q - 1]
+        q -= 1
+    vals[q] = v
+    idx[q] = i
+    return n + 1 if n < m else n
+
+
+@njit(parallel=True, cache=True)
+def _row_topk(score, gorder, goff, kk, k, n_s):  # pragma: no cover - compiled
+    """Per row and gallery camera c, the kk[c] largest scores (descending, float64) and their positions
+    within camera c (grouped order ``gorder``); returns (topv [Q, C, k], topi [Q, C, k], #NaN scores).
+
+    Each row is gathered into camera order; per camera the kk-th largest of 2 kk block maxima is a lower
+    bound of the kk-th largest score, so only the few scores at or above it are ranked exactly."""
+    n_q, n_g = score.shape
+    n_c = len(kk)
+    topv = np.full((n_q, n_c, k), -np.inf)
+    topi = np.full((n_q, n_c, k), -1, np.int64)
+    n_nan = np.zeros(n_s, np.int64)
+    gmax = 1
+    for c in range(n_c):
+        gmax = max(gmax, goff[c + 1] - goff[c])
+    for s in prange(n_s):
+        row = np.empty(n_g)
+        bmax = np.empty(2 * k)
+        bidx = np.empty(2 * k, np.int64)
+        for r in range(s * n_q // n_s, (s + 1) * n_q // n_s):
+            src = score[r]
+            for c in range(n_c):
+                m = kk[c]
+                g0 = goff[c]
+                n = goff[c + 1] - g0
+                seg = row[g0 : g0 + n]
+                bad = 0
+                bar = -np.inf
+                if n > 4 * m:  # 2m blocks of n // 2m (the last one takes the remainder), gathered on the way
+                    nb = 2 * m
+                    size = n // nb
+                    got = 0
+                    for b in range(nb):
+                        mx = -np.inf
+                        for t in range(b * size, n if b == nb - 1 else (b + 1) * size):
+                            v = np.float64(src[gorder[g0 + t]])
+                            seg[t] = v
+                            bad += v != v
+                            if v > mx:
+                                mx = v
+                        got = _push(bmax, bidx, got, m, mx, b)
+                    bar = bmax[m - 1]
+                else:
+                    for t in range(n):
+                        v = np.float64(src[gorder[g0 + t]])
+                        seg[t] = v
+                        bad += v != v
+                if bad:
+                    n_nan[s] += bad
+                    continue
+                tv = topv[r, c]
+                ti = topi[r, c]
+                got = 0
+                for t in range(n):
+                    if seg[t] >= bar:
+                        got = _push(tv, ti, got, m, seg[t], t)
+    return topv, topi, n_nan.sum()
+
+
+@njit(cache=True)
+def _windows(tp, pcode, tau):  # pragma: no cover - compiled
+    """For probes sorted by (camera, time): the range [lo, hi) of positions j with the same camera and
+    ``|t_j - t_i| < tau`` (contiguous because the times are sorted)."""
+    n = len(tp)
+    lo = np.empty(n, np.int64)
+    hi = np.empty(n, np.int64)
+    a = 0
+    b = 0
+    for i in range(n):
+        if i == 0 or pcode[i] != pcode[i - 1]:
+            a = i
+            b = i
+        while abs(tp[a] - tp[i]) >= tau:
+            a += 1
+        if b < i + 1:
+            b = i + 1
+        while b < n and pcode[b] == pcode[i] and abs(tp[b] - tp[i]) < tau:
+            b += 1
+        lo[i] = a
+        hi[i] = b
+    return lo, hi
+
+
+@njit(parallel=True, cache=True)
+def _pivots(score, topv, topi, kk, gsize, goff, gorder, porder, lo, hi, k, p0, p1,
+            thr, nuniq, tot, ptr, pcol, pcnt, fill, n_s):  # pragma: no cover - compiled
+    """Thresholds and pivots of the probes at sorted positions [p0, p1), for every gallery camera.
+
+    ``fill=False``: sets ``thr``, ``tot`` (pivots counted with multiplicity, as the official mean does)
+    and ``nuniq`` (distinct pivot columns), all [Q, C] by probe index. ``fill=True``: writes the distinct
+    pivot columns (index within their camera) and counts to ``pcol``/``pcnt`` at the offsets
+    ``ptr[(pos - p0) * C + c]``. The positions are split into ``n_s`` contiguous spans, one task each."""
+    n_c = len(kk)
+    n = p1 - p0
+    gmax = max(1, gsize.max())
+    for s in prange(n_s):
+        mark = np.full(gmax, -1, np.int64)
+        slot = np.zeros(gmax, np.int64)
+        buf = np.empty(k)
+        dummy = np.empty(k, np.int64)
+        stamp = 0
+        for pos in range(p0 + s * n // n_s, p0 + (s + 1) * n // n_s):
+            i = porder[pos]
+            a, b = lo[pos], hi[pos]
+            for c in range(n_c):
+                nk = kk[c]
+                if nk == 0:
+                    continue
+                if fill:
+                    t = thr[i, c]
+                else:  # the m-th largest of the group's scores in camera c, m = min(k, #scores)
+                    m = min(k, (b - a) * gsize[c])
+                    nb = 0
+                    for w in range(a, b):
+                        j = porder[w]
+                        for e in range(nk):
+                            v = topv[j, c, e]
+                            if nb == m and v <= buf[m - 1]:
+                                break  # the rest of row j's list is smaller still
+                            nb = _push(buf, dummy, nb, m, v, 0)
+                    t = buf[m - 1]
+                    thr[i, c] = t
+                stamp += 1
+                nu = 0
+                total = 0
+                base = ptr[(pos - p0) * n_c + c] if fill else 0
+                for w in range(a, b):
+                    j = porder[w]
+                    rescan = nk < gsize[c] and topv[j, c, nk - 1] >= t  # ties with t may lie outside the list
+                    n_e = gsize[c] if rescan else nk
+                    for e in range(n_e):
+                        if rescan:
+                            g = gorder[goff[c] + e]
+                            if score[j, g] < t:
+                                continue
+                            col = e
+                        else:
+                            if topv[j, c, e] < t:
+                                break
+                            col = topi[j, c, e]
+                        total += 1
+                        if mark[col] != stamp:
+                            mark[col] = stamp
+                            slot[col] = nu
+                            if fill:
+                                pcol[base + nu] = col
+                                pcnt[base + nu] = 1.0
+                            nu += 1
+                        elif fill:
+                            pcnt[base + slot[col]] += 1.0
+                if not fill:
+                    nuniq[i, c] = nu
+                    tot[i, c] = total
+
+
+@njit(parallel=True, cache=True)
+def _bands(tg, goff, tcol, coff, sigma2, cut, blo, bhi):  # pragma: no cover - compiled
+    """Per gallery image p (rows, times ``tg`` sorted within each camera) the range [blo, bhi) of its camera's
+    chunk columns (times ``tcol`` sorted within each camera at ``coff``) where the kernel exponent
+    -(t_p - t)^2 / sigma^2 is >= -cut: contiguous, since the exponent rises then falls along sorted times."""
+    n_c = len(goff) - 1
+    for c in prange(n_c):
+        tc = tcol[coff[c] : coff[c + 1]]
+        n = len(tc)
+        a = 0
+        b = 0
+        for p in range(goff[c], goff[c + 1]):
+            t = tg[p]
+            while a < n and tc[a] < t and -((t - tc[a]) * (t - tc[a])) / sigma2 < -cut:
+                a += 1
+            if b < a:
+                b = a
+            while b < n and (tc[b] <= t or -((t - tc[b]) * (t - tc[b])) / sigma2 >= -cut):
+                b += 1
+            blo[p] = a
+            bhi[p] = b
+
+
+@njit(parallel=True, cache=True)
+def _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern):  # pragma: no cover - compiled
+    """The exponents -(t_p - t)^2 / sigma^2 of each row's band, packed at ``boff[p]`` (np.exp follows)."""
+    n_c = len(goff) - 1
+    for c in prange(n_c):
+        tc = tcol[coff[c] : coff[c + 1]]
+        for p in range(goff[c], goff[c + 1]):
+            t = tg[p]
+            lo = blo[p]
+            row = kern[boff[p] : boff[p] + bhi[p] - lo]
+            for l in range(len(row)):
+                d = t - tc[lo + l]
+                row[l] = -(d * d) / sigma2
+
+
+@njit(parallel=True, cache=True)
+def _apply(score, out, g0, porder, p0, p1, ptr, pcol, pcnt, tot, kern, goff, blo, bhi, boff, coff, inv, alpha,
+           n_s):  # pragma: no cover - compiled
+    """out[i, g] = (sum_p count_p * kernel[p, g] / #pivots + alpha) * score[i, g] for the chunk's columns
+    g0 + [0, len(inv)); the weights are formed in (camera, time) order and ``inv`` maps each column to its slot."""
+    n_c = len(coff) - 1
+    n = p1 - p0
+    width = len(inv)
+    for s in prange(n_s):
+        wbuf = np.empty(width)
+        for pos in range(p0 + s * n // n_s, p0 + (s + 1) * n // n_s):
+            i = porder[pos]
+            for c in range(n_c):
+                if coff[c + 1] == coff[c]:
+                    continue
+                acc = wbuf[coff[c] : coff[c + 1]]
+                acc[:] = 0.0
+                q = (pos - p0) * n_c + c
+                for e in range(ptr[q], ptr[q + 1]):
+                    w = pcnt[e]
+                    p = goff[c] + pcol[e]
+                    lo = blo[p]
+                    krow = kern[boff[p] : boff[p] + bhi[p] - lo]
+                    part = acc[lo : lo + len(krow)]
+                    for l in range(len(krow)):
+                        part[l] += w * krow[l]
+                rt = 1.0 / tot[i, c]  # the mean of the pivots' kernel rows (within an ulp of sum / count)
+                for l in range(len(acc)):
+                    acc[l] = acc[l] * rt + alpha
+            srow = score[i, g0 : g0 + width]
+            orow = out[i, g0 : g0 + width]
+            for l in range(width):
+                orow[l] = wbuf[inv[l]] * np.float64(srow[l])
+
+
+def _check(score, q_cams, q_times, g_cams, g_times, tau, sigma, k):
+    score = np.asarray(score)
+    if score.ndim != 2:
+        raise QAConvError(f"tlift: score must be 2-D [Q, G], got shape {score.shape}")
+    if not (np.issubdtype(score.dtype, np.floating) or np.issubdtype(score.dtype, np.integer)):
+        raise QAConvError(f"tlift: score must be a real number array, got dtype {score.dtype}")
+    n_q, n_g = score.shape
+    arrays = []
+    for name, arr, n, time in (("q_cams", q_cams, n_q, False), ("q_times", q_times, n_q, True),
+                               ("g_cams", g_cams, n_g, False), ("g_times", g_times, n_g, True)):
+        arr = np.asarray(arr).reshape(-1)
+        if len(arr) != n:
+            raise QAConvError(f"tlift: {name} has {len(arr)} entries, expected {n} to match score {score.shape}")
+        if time:
+            arr = arr.astype(np.float64)
+            if not np.isfinite(arr).all():
+                raise QAConvError(f"tlift: {name} must be finite time stamps in seconds")
+        arrays.append(arr)
+    if int(k) != k or k < 1:
+        raise QAConvError(f"tlift: k must be an integer >= 1, got {k}")
+    if not (tau > 0 and np.isfinite(tau)):
+        raise QAConvError(f"tlift: tau must be a positive number of seconds, got {tau}")
+    if not (sigma > 0 and np.isfinite(sigma)):
+        raise QAConvError(f"tlift: sigma must be a positive number of seconds, got {sigma}")
+    return score, *arrays
 
 
 def tlift(
@@ -108,7 +325,7 @@ def tlift(
     """Temporal lifting of a probe-gallery similarity matrix (official QAConv/TLift algorithm, spec §8).
 
     Args:
-        score: [Q, G] similarities (see the module docstring for the expected scale).
+        score: [Q, G] similarities (see the module docstring for the expected scale); no NaN.
         q_cams, g_cams: camera ids of probes and gallery; any integers (not necessarily contiguous).
         q_times, g_times: time stamps in seconds. Only differences within one camera are ever used.
         tau: probes j, i of the same camera co-occur when ``|t_j - t_i| < tau`` (i co-occurs with itself).
@@ -126,29 +343,72 @@ def tlift(
     (the official code indexes an empty array), and probes of a camera the gallery does not have are
     lifted like any other (the official loop only visits cameras ``< max gallery cam + 1``).
     """
-    score = np.asarray(score)
-    if score.ndim != 2:
-        raise ValueError(f"tlift: score must be 2-D [Q, G], got shape {score.shape}")
-    n_q, n_g = score.shape
-    q_cams = np.asarray(q_cams).reshape(-1)
-    g_cams = np.asarray(g_cams).reshape(-1)
-    q_times = np.asarray(q_times, dtype=np.float64).reshape(-1)
-    g_times = np.asarray(g_times, dtype=np.float64).reshape(-1)
-    for name, arr, n in (("q_cams", q_cams, n_q), ("q_times", q_times, n_q), ("g_cams", g_cams, n_g),
-                         ("g_times", g_times, n_g)):
-        if len(arr) != n:
-            raise ValueError(f"tlift: {name} has {len(arr)} entries, expected {n} to match score {score.shape}")
-    if k < 1:
-        raise ValueError(f"tlift: k must be >= 1, got {k}")
-    out_dtype = score.dtype if np.issubdtype(score.dtype, np.floating) else np.float64
-    s64 = score.astype(np.float64, copy=False)
-    w = np.zeros((n_q, n_g), dtype=np.float64)
-    g_groups = [np.flatnonzero(g_cams == c) for c in np.unique(g_cams)]
-    for pc in np.unique(q_cams):
-        p_idx = np.flatnonzero(q_cams == pc)
-        p_idx = p_idx[np.argsort(q_times[p_idx], kind="stable")]
-        tp = q_times[p_idx]
-        for g_idx in g_groups:
-            block = s64[np.ix_(p_idx, g_idx)]
-            w[np.ix_(p_idx, g_idx)] = _block_weights(block, tp, g_times[g_idx], tau, sigma, k)
-    return ((w + alpha) * s64).astype(out_dtype, copy=False)
+    score, q_cams, q_times, g_cams, g_times = _check(score, q_cams, q_times, g_cams, g_times, tau, sigma, k)
+    k = int(k)
+    out_dtype = score.dtype if np.issubdtype(score.dtype, np.floating) else np.dtype(np.float64)
+    work = score if score.dtype in (np.float32, np.float64) else score.astype(np.float64)
+    work = np.ascontiguousarray(work)
+    n_q, n_g = work.shape
+    out = np.empty((n_q, n_g), dtype=work.dtype)
+    if n_q == 0 or n_g == 0:
+        return out.astype(out_dtype, copy=False)
+    # gallery cameras 0..C-1; columns grouped by camera (gorder) and each column's index within its camera
+    _, gcode = np.unique(g_cams, return_inverse=True)
+    gcode = gcode.reshape(-1).astype(np.int64)
+    gsize = np.bincount(gcode).astype(np.int64)
+    n_c = len(gsize)
+    goff = np.concatenate([[0], np.cumsum(gsize)]).astype(np.int64)
+    gorder = np.lexsort((g_times, gcode)).astype(np.int64)  # by camera, then time
+    tg = g_times[gorder]
+    kk = np.minimum(k, gsize).astype(np.int64)
+    # probes sorted by (camera, time); co-occurrence windows in that order
+    _, pcode = np.unique(q_cams, return_inverse=True)
+    pcode = pcode.reshape(-1)
+    porder = np.lexsort((q_times, pcode)).astype(np.int64)
+    with _LOCK:
+        topv, topi, n_nan = _row_topk(work, gorder, goff, kk, k, _n_spans(n_q))
+        if n_nan:
+            raise QAConvError(f"tlift: score has {n_nan} NaN entries; expected finite similarities")
+        lo, hi = _windows(q_times[porder], pcode[porder].astype(np.int64), float(tau))
+        thr = np.zeros((n_q, n_c))
+        tot = np.zeros((n_q, n_c))
+        nuniq = np.zeros((n_q, n_c), np.int64)
+        none_i, none_f = np.zeros(1, np.int64), np.zeros(1)
+        _pivots(work, topv, topi, kk, gsize, goff, gorder, porder, lo, hi, k, 0, n_q,
+                thr, nuniq, tot, none_i, none_i, none_f, False, _n_spans(n_q))
+        per_probe = nuniq[porder].sum(axis=1)
+        bounds = [0]
+        acc = 0
+        for pos, m in enumerate(per_probe):  # probe groups whose pivot lists fit in _PIVOT_ELEMS
+            if acc + m > _PIVOT_ELEMS and pos > bounds[-1]:
+                bounds.append(pos)
+                acc = 0
+            acc += m
+        bounds.append(n_q)
+        width = max(1, _KERNEL_ELEMS // int(gsize.max()))  # columns per kernel chunk
+        kern = np.empty(int(gsize.max()) * min(width, n_g))
+        # kernel values below alpha * 2^-60 change no output by more than 2^-60 relative: left out
+        cut = 60 * np.log(2.0) - np.log(alpha) if alpha > 0 else np.inf
+        blo, bhi = np.empty(n_g, np.int64), np.empty(n_g, np.int64)
+        sigma2 = float(sigma) ** 2
+        for p0, p1 in zip(bounds[:-1], bounds[1:], strict=True):
+            ptr = np.concatenate([[0], np.cumsum(nuniq[porder[p0:p1]].reshape(-1))]).astype(np.int64)
+            pcol = np.empty(ptr[-1], np.int64)
+            pcnt = np.empty(ptr[-1])
+            _pivots(work, topv, topi, kk, gsize, goff, gorder, porder, lo, hi, k, p0, p1,
+                    thr, nuniq, tot, ptr, pcol, pcnt, True, _n_spans(p1 - p0))
+            for g0 in range(0, n_g, width):
+                sub = gcode[g0 : g0 + width]
+                order = np.lexsort((g_times[g0 : g0 + width], sub))
+                inv = np.empty(len(sub), np.int32)
+                inv[order] = np.arange(len(sub), dtype=np.int32)
+                coff = np.concatenate([[0], np.cumsum(np.bincount(sub, minlength=n_c))]).astype(np.int64)
+                tcol = g_times[g0 + order]
+                _bands(tg, goff, tcol, coff, sigma2, cut, blo, bhi)
+                boff = np.concatenate([[0], np.cumsum(bhi - blo)]).astype(np.int64)
+                size = int(boff[-1])
+                _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern)
+                np.exp(kern[:size], out=kern[:size])
+                _apply(work, out, g0, porder, p0, p1, ptr, pcol, pcnt, tot, kern, goff, blo, bhi, boff, coff, inv,
+                       float(alpha), _n_spans(p1 - p0))
+    return out.astype(out_dtype, copy=False)
