@@ -363,6 +363,7 @@ def _add_train_args(p, d: dict, explicit: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .calibrate import BANDS_HELP, DIFFERENT_TAR, SAME_FAR
     from .engine.runner import DEFAULTS
 
     parser = Parser(
@@ -419,6 +420,48 @@ def build_parser() -> argparse.ArgumentParser:
         "the official matching/qaconv_match.py (gallery = kernel side, fc weight x bn(cosine)), sigmoid(logit/10)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="JSON",
+        help="calibration from 'qaconv calibrate' for the verdict (default: calibration.json beside the checkpoint, "
+        "if there; without one the score is reported as uncalibrated)",
+    )
+    p.epilog = "The verdict (same person / different / uncertain) and P(same) need a calibration. " + BANDS_HELP
+
+    p = sub.add_parser(
+        "calibrate",
+        formatter_class=FORMATTER,
+        help="score distributions, ROC, TAR@FAR and verdict bands on a labelled set; writes calibration.json",
+        description="Measure what QAConv logits mean on a labelled test set (identities and cameras known): "
+        "the logits of same- and different-identity cross-camera query x gallery pairs, the ROC, TAR at "
+        "FAR 1e-2/1e-3/1e-4 with their thresholds, and a Platt-scaled probability; written to calibration.json "
+        "beside the checkpoint (used by 'qaconv match') with a PNG of the histograms and the ROC. " + BANDS_HELP,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder) written by 'qaconv train'")
+    p.add_argument(
+        "--testsets", required=True, help="labelled test set(s), comma-separated (pairs pooled): synth_A, a "
+        "Market-layout folder or a CSV manifest"
+    )
+    p.add_argument("-o", "--out", default=None, help="calibration file (default: calibration.json beside the "
+                   "checkpoint, where 'qaconv match' finds it)")
+    p.add_argument("--plot", default=None, help="PNG of histograms and ROC (default: calibration.png beside OUT)")
+    p.add_argument(
+        "--same-far", default=SAME_FAR, type=_positive(float), help="FAR whose threshold starts the 'same person' band"
+    )
+    p.add_argument(
+        "--different-tar", default=DIFFERENT_TAR, type=_positive(float),
+        help="fraction of true matches kept above the 'different' band",
+    )
+    p.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="folder holding the datasets")
+    p.add_argument("-j", "--workers", default=0, type=_positive(int, zero=True), help="data-loading worker processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument("--fea-batch", default=DEFAULTS["fea_batch"], type=_positive(int), help="feature-extraction batch")
+    p.add_argument(
+        "--match-memory", default=DEFAULTS["match_memory"], type=_positive(float),
+        help="memory budget (MB) of one tile of all-pairs matching",
+    )
+    _switch(p, "--strict", "stop at the first undecodable query or gallery image instead of skipping it")
 
     p = sub.add_parser(
         "index", formatter_class=FORMATTER, help="extract the feature maps of a gallery folder into a gallery store",
@@ -581,6 +624,54 @@ def _cmd_match(args) -> None:
     )  # fmt: skip
     name = "logit" if args.semantics == "default" else "sigmoid(logit/10)"
     print(f"QAConv {name} {score:.3f}; wrote {path}")
+    _print_verdict(args, extractor, score)
+
+
+def _print_verdict(args, extractor, score: float) -> None:
+    """The verdict line of ``qaconv match`` (see qaconv.calibrate.verdict); a calibration of another model is
+    refused in one line on stderr and the score reported as uncalibrated."""
+    from .calibrate import find_calibration, verdict
+    from .gallery import model_identity
+
+    # official semantics report sigmoid(logit / 10) of the gallery-as-kernel logit: recover that logit
+    logit = score if args.semantics == "default" else 10 * math.log(max(score, 1e-300) / max(1 - score, 1e-300))
+    try:
+        cal = find_calibration(args.checkpoint, model_identity(extractor, args.checkpoint), args.calibration)
+    except QAConvError as exc:
+        if args.calibration:  # asked for explicitly: an error
+            raise
+        print(f"qaconv match: calibration refused: {_printable(exc)}", file=sys.stderr)
+        cal = None
+    print(f"verdict: {verdict(logit, cal)['message']}")
+
+
+def _cmd_calibrate(args) -> None:
+    from .calibrate import calibrate_checkpoint, calibration_path, format_table, plot_calibration, save_calibration
+
+    if not 0 < args.same_far < 1:
+        raise QAConvError(f"--same-far must be a false-accept rate in (0, 1), got {args.same_far}")
+    if not 0 < args.different_tar <= 1:
+        raise QAConvError(f"--different-tar must be a fraction in (0, 1], got {args.different_tar}")
+    out = Path(args.out) if args.out else calibration_path(args.checkpoint)
+    if out.is_dir():
+        raise QAConvError(f"{out} is a folder: -o names the calibration file to write (e.g. {out / 'calib.json'})")
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    cal, _ = calibrate_checkpoint(
+        args.checkpoint, args.testsets, data_dir=args.data_dir, device=args.device, workers=args.workers,
+        fea_batch=args.fea_batch, match_memory=args.match_memory, strict=args.strict, same_far=args.same_far,
+        different_tar=args.different_tar,
+    )  # fmt: skip
+    print(f"calibration of {_printable(args.checkpoint)} (model {cal['model']['hash'][:12]}) on "
+          f"{_printable(', '.join(cal['testsets']))}:")
+    print(format_table(cal))
+    for name, row in cal.get("per_testset", {}).items():
+        tars = ", ".join(f"TAR@{r['far']:g} " + ("-" if r["tar"] is None else f"{100 * r['tar']:.1f}%")
+                         for r in row["tar_at_far"])
+        print(f"  {_printable(name)}: {row['pairs']['positive']:,}+ / {row['pairs']['negative']:,}- pairs, "
+              f"AUC {row['auc']:.4f}, {tars}")
+    save_calibration(cal, out)
+    plot_calibration(cal, plot, title=f"QAConv logits on {', '.join(cal['testsets'])}")
+    print(f"wrote {out} and {plot}")
 
 
 def _index_target(out: Path, args) -> bool:
@@ -842,6 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         "synth": _cmd_synth,
         "data": _cmd_data,
         "match": _cmd_match,
+        "calibrate": _cmd_calibrate,
         "index": _cmd_index,
         "search": _cmd_search,
         "convert": _cmd_convert,

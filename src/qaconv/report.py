@@ -1,4 +1,5 @@
-"""Self-contained HTML report of an evaluation: metrics table, CMC curves, ranked lists and match pictures.
+"""Self-contained HTML report of an evaluation: metrics table, CMC curves, score histograms with the ROC and
+TAR@FAR, ranked lists and match pictures.
 
 The report folder holds ``index.html`` and every picture it shows (thumbnails, CMC curves, QAConv match
 drawings), linked by relative paths, so it opens from disk without a server and without network access.
@@ -203,10 +204,42 @@ def _render_rows(rows: list[QueryRow], data, prefix: str, group: str) -> str:
     return f'<table class="ranks" data-group="{group}">' + "".join(parts) + "</table>"
 
 
+def _scores_html(data, logits, folder: Path, prefix: str) -> tuple[str, list[str]]:
+    """The test set's score distributions: a PNG of the same/different-identity cross-camera logit histograms
+    and the ROC (:func:`qaconv.viz.curves.plot_score_distributions`) and a TAR@FAR table
+    (:func:`qaconv.calibrate.score_summary`); ('', []) when a class of pairs is empty."""
+    from .calibrate import cross_camera_pairs, score_summary
+    from .viz.curves import plot_score_distributions
+
+    pos, neg = cross_camera_pairs(logits, [r.pid for r in data.query], [r.pid for r in data.gallery],
+                                  [r.camid for r in data.query], [r.camid for r in data.gallery])
+    if not len(pos) or not len(neg):
+        return "", []
+    s = score_summary(pos, neg)
+    title = f"QAConv logits on {data.name}"
+    plot_score_distributions(s["histogram"], s["roc"], s["tar_at_far"], folder / "scores.png",
+                             num_negative=len(neg), title=title)
+    rows = []
+    for r in s["tar_at_far"]:
+        if r["threshold"] is None:
+            tar = "–" if r["tar"] is None else f"{100 * r['tar']:.2f}%"
+            cells = [f"{r['far']:g}", tar, "–", html.escape(r["reason"] or "")]
+        else:
+            cells = [f"{r['far']:g}", f"{100 * r['tar']:.2f}%", f"{r['threshold']:.4f}", f"FAR {r['far_achieved']:.2e}"]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    table = ('<table class="metrics tarfar"><tr><th>FAR</th><th>TAR</th><th>threshold (logit)</th><th></th></tr>'
+             + "".join(rows) + "</table>")
+    text = (f"<p>{len(pos):,} same-identity and {len(neg):,} different-identity cross-camera query × gallery pairs "
+            f"(AUC {s['auc']:.4f}); a pair is accepted when its logit is at or above the threshold. With N "
+            "different-identity pairs a FAR below 1/N cannot be estimated.</p>")
+    body = f'<div class="top">{_img(f"{prefix}/scores.png", "scores", title)}<div>{text}{table}</div></div>'
+    return body, [f"{prefix}/scores.png"]
+
+
 def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher=None, results: dict | None = None,
                    image_size=None, rank_by: str | None = None, num_worst: int = 10, num_random: int = 10,
                    top: int = 10, seed: int = 0, match_ranks: int = 1, progress: bool = True,
-                   note: str = "") -> Section:
+                   note: str = "", score_plots: bool = True) -> Section:
     """Write one test set's pictures under ``out_dir/NAME/`` and return its HTML section.
 
     ``dists`` maps post-processing labels ('' = QAConv, '+RR', '+RR+TLift', '+TLift(unofficial)') to [Q, G]
@@ -214,7 +247,9 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
     (default: the last, most post-processed row of the official protocol, i.e. not '+TLift(unofficial)').
     With QAConv ``matcher`` and feature maps, match pictures are drawn for
     ranks up to ``match_ranks`` and for each list's first true match. ``results`` (label -> RankResult)
-    gives the CMC curves; ``note`` is added to the section's description.
+    gives the CMC curves; ``note`` is added to the section's description. With ``score_plots`` and a QAConv row
+    ('' in ``dists``, distance = -logit) the section also shows the histograms of same- and different-identity
+    cross-camera logits, the ROC and TAR@FAR 1e-2/1e-3/1e-4 (see :mod:`qaconv.calibrate`).
     """
     out_dir = check_report_dir(out_dir)
     if not dists:
@@ -270,6 +305,10 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
         plot_cmc(curves, folder / "cmc.png", title=f"CMC on {data.name}")
         files.append(f"{prefix}/cmc.png")
         cmc_html = _img(f"{prefix}/cmc.png", "cmc", f"CMC on {data.name}")
+    scores_html = ""
+    if score_plots and "" in dists:
+        scores_html, more = _scores_html(data, -np.asarray(dists[""], dtype=np.float64), folder, prefix)
+        files += more
     label = "QAConv" + rank_by
     score_note = "QAConv logit" if rank_by == "" else f"similarity after {rank_by.lstrip('+')} (1 - distance)"
     match_note = (
@@ -284,7 +323,7 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
         f"and {html.escape(score_note)}. {html.escape(match_note)} {html.escape(note)}</p>"
     )
     body = (
-        f'<section><h2>{html.escape(str(data.name))}</h2><div class="top">{cmc_html}{info}</div>'
+        f'<section><h2>{html.escape(str(data.name))}</h2><div class="top">{cmc_html}{info}</div>{scores_html}'
         f"<h3>Worst {len(worst)} queries (lowest AP)</h3>{_render_rows(groups['worst'], data, prefix, 'worst')}"
         f"<h3>{len(sample)} random queries (seed {seed})</h3>{_render_rows(groups['random'], data, prefix, 'random')}"
         "</section>"
@@ -300,6 +339,7 @@ table.metrics{border-collapse:collapse;margin:6px 0}
 table.metrics td,table.metrics th{padding:2px 10px;text-align:right;border-bottom:1px solid #e4e4e4}
 table.metrics td:first-child,table.metrics th:first-child{text-align:left}
 .top{display:flex;gap:16px;align-items:flex-start}.top p{max-width:520px}img.cmc{width:420px;border:1px solid #ddd}
+img.scores{width:700px;border:1px solid #ddd}table.tarfar td:last-child{text-align:left;color:#555}
 table.ranks{border-collapse:collapse}table.ranks td{padding:3px 2px;vertical-align:top;text-align:center}
 table.ranks tr{border-bottom:1px solid #eee}td.qcell{padding-right:12px!important;border-right:2px solid #bbb}
 .cap{font-size:11px;color:#444;white-space:nowrap}td.gap{color:#888;vertical-align:middle!important;font-size:11px}
@@ -366,13 +406,15 @@ def report_from_evaluation(out_dir, data, kept: dict, matcher, results: dict, cf
     out_dir = check_report_dir(out_dir)
     n = int(cfg.get("report_queries", 10))
     m = int(cfg.get("two_stage", 0) or 0)
+    partial = 0 < m < len(data.gallery)  # two-stage: not every number is a QAConv logit
     note = (
         f"Two-stage matching: QAConv scored only each query's {m} best gallery images by pooled cosine; the others "
-        "are ranked below them by cosine and their numbers are not QAConv logits (match pictures show exact logits)."
-        if 0 < m < len(data.gallery)
+        "are ranked below them by cosine and their numbers are not QAConv logits (match pictures show exact logits; "
+        "no score histograms or ROC)."
+        if partial
         else ""
     )
     with writing(out_dir, "the report"):
         return report_testset(out_dir, data, kept["dists"], kept.get("q"), kept.get("g"), matcher, results,
                               image_size=(cfg["height"], cfg["width"]), num_worst=n, num_random=n,
-                              progress=progress, note=note)
+                              progress=progress, note=note, score_plots=not partial)
