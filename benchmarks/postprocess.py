@@ -1,11 +1,14 @@
-"""Post-processing benchmark: TLift (vectorised vs official-style loop) and k-reciprocal re-ranking.
+"""Post-processing benchmark: TLift (compiled vs official-style loop) and k-reciprocal re-ranking.
 
 Prints figures only (no timing asserts). Random data of realistic sizes:
-  TLift at Market size (3,368 x 15,913, 6 cameras, times over ~6000 s);
+  TLift at 600 x 3,000 and at Market size (3,368 x 15,913), 6 cameras, times over 6000 s: the loop on all
+  probe rows at 600 x 3,000 and on --market-loop-rows random rows at Market size (per-row cost compared);
+  with --tlift-msmt also TLift alone at MSMT17 size (11,659 x 82,161, float32 by default: ~7.7 GB in + out);
   dense re-ranking at Market size (N = 19,281);
   kNN-list re-ranking at MSMT17 size (11,659 + 82,161), or a stated fraction (--msmt-fraction).
 
-    python benchmarks/postprocess.py [--loop-probes 60] [--msmt-fraction 1.0] [--skip-dense]
+    python benchmarks/postprocess.py [--tlift-only] [--market-loop-rows 400|all] [--tlift-msmt]
+                                     [--msmt-fraction 1.0] [--skip-dense] [--skip-knn] [--skip-tlift]
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from qaconv.tlift import tlift
 
 
 def tlift_loop_rows(score, q_cams, q_times, g_cams, g_times, rows, tau=100.0, sigma=200.0, k=10, alpha=0.2):
-    """Official-style per-probe loop (numpy inside), for the probe rows given."""
+    """Official-style per-probe loop (numpy inside), for the probe rows given: as reid/tlift.py of QAConv v2.1,
+    per probe and gallery camera, the co-occurring probes (same camera, |dt| < tau), threshold = K-th largest of
+    their scores there (the smallest if at most K), pivots = the column of every entry >= threshold (repeats
+    kept), weight = mean of exp(-dt^2 / sigma^2) over the pivots; out = (weight + alpha) * score."""
     out = np.zeros((len(rows), score.shape[1]))
     groups = [np.flatnonzero(g_cams == c) for c in np.unique(g_cams)]
     for r, i in enumerate(rows):
@@ -55,21 +61,61 @@ def measure(fn):
     return res, dt, peak / 2**30
 
 
-def bench_tlift(rng, loop_probes):
-    q, g = 3368, 15913
-    score = rng.random((q, g)) ** 4  # mostly small, like sigmoid / re-ranked similarities
-    q_cams, g_cams = rng.integers(0, 6, q), rng.integers(0, 6, g)
-    q_times, g_times = np.round(rng.random(q) * 6000, 2), np.round(rng.random(g) * 6000, 2)
+def _tlift_case(rng, q, g, cams=6, span=6000.0, dtype=np.float64):
+    score = (rng.random((q, g), dtype=np.float32 if dtype == np.float32 else np.float64) ** 4).astype(dtype)
+    q_cams, g_cams = rng.integers(0, cams, q), rng.integers(0, cams, g)  # mostly small, like sigmoid/re-ranked
+    q_times, g_times = np.round(rng.random(q) * span, 2), np.round(rng.random(g) * span, 2)
+    return score, q_cams, q_times, g_cams, g_times
+
+
+def _warm_up(case):
+    """Compile the numba kernels for this dtype (or load them from the cache) on a 3 x 5 slice, untimed."""
+    score, q_cams, q_times, g_cams, g_times = case
+    tlift(score[:3, :5], q_cams[:3], q_times[:3], g_cams[:5], g_times[:5])
+
+
+def bench_tlift(rng, q, g, loop_rows):
+    """Compiled TLift on all rows against the official-style loop on ``loop_rows`` rows (None: all)."""
+    case = _tlift_case(rng, q, g)
+    _warm_up(case)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = tlift(*case)
+        times.append(time.perf_counter() - t0)
+    t_fast = float(np.median(times))
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    tlift(*case)
+    peak = (tracemalloc.get_traced_memory()[1] - base - out.nbytes) / 2**20
+    tracemalloc.stop()
+    rows = np.arange(q) if loop_rows is None or loop_rows >= q else np.sort(rng.choice(q, loop_rows, replace=False))
     t0 = time.perf_counter()
-    out = tlift(score, q_cams, q_times, g_cams, g_times)
-    t_vec = time.perf_counter() - t0
-    rows = rng.choice(q, loop_probes, replace=False)
+    ref = tlift_loop_rows(*case, rows)
+    t_loop = time.perf_counter() - t0
+    rel = float((np.abs(out[rows] - ref) / np.abs(ref)).max())
+    which = "all" if len(rows) == q else f"{len(rows)} random"
+    per_fast, per_loop = t_fast / q * 1e3, t_loop / len(rows) * 1e3
+    print(f"TLift {q} x {g} (6 cameras, times over 6000 s): compiled {t_fast * 1e3:.1f} ms on all {q} rows "
+          f"(median of 3; {per_fast:.4f} ms/row); official-style loop {t_loop:.2f} s on {which} rows "
+          f"({per_loop:.3f} ms/row); speed-up {per_loop / per_fast:.1f}x per row; max relative difference "
+          f"{rel:.1e}; peak extra memory {peak:.1f} MiB traced (output {out.nbytes / 2**20:.0f} MiB not counted)")
+
+
+def bench_tlift_msmt(rng, dtype):
+    q, g = 11659, 82161
+    case = _tlift_case(rng, q, g, cams=15, dtype=dtype)
+    _warm_up(case)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
     t0 = time.perf_counter()
-    ref = tlift_loop_rows(score, q_cams, q_times, g_cams, g_times, rows)
-    t_loop = (time.perf_counter() - t0) * q / loop_probes
-    print(f"TLift {q} x {g}: vectorised {t_vec:.2f} s; official-style loop {t_loop:.1f} s "
-          f"(measured on {loop_probes} random probes, extrapolated x{q / loop_probes:.1f}); "
-          f"speed-up {t_loop / t_vec:.1f}x; max |diff| on the subset {np.abs(out[rows] - ref).max():.2e}")
+    out = tlift(*case)
+    dt = time.perf_counter() - t0
+    peak = (tracemalloc.get_traced_memory()[1] - base - out.nbytes) / 2**20
+    tracemalloc.stop()
+    print(f"TLift MSMT17 size {q} x {g} ({np.dtype(dtype).name}, 15 cameras): {dt:.1f} s, peak extra memory "
+          f"{peak:.0f} MiB traced (score {case[0].nbytes / 2**30:.1f} GiB and output {out.nbytes / 2**30:.1f} GiB "
+          f"not counted)")
 
 
 def bench_dense(rng):
@@ -108,7 +154,10 @@ def bench_knn(rng, fraction):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--loop-probes", type=int, default=60)
+    ap.add_argument("--market-loop-rows", default="400", help="probe rows for the loop at Market size, or 'all'")
+    ap.add_argument("--tlift-only", action="store_true", help="only the TLift figures (skip re-ranking)")
+    ap.add_argument("--tlift-msmt", action="store_true", help="also TLift alone at MSMT17 size")
+    ap.add_argument("--tlift-msmt-dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--msmt-fraction", type=float, default=1.0)
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--skip-knn", action="store_true")
@@ -116,10 +165,13 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     if not args.skip_tlift:
-        bench_tlift(rng, args.loop_probes)
-    if not args.skip_dense:
+        bench_tlift(rng, 600, 3000, None)
+        bench_tlift(rng, 3368, 15913, None if args.market_loop_rows == "all" else int(args.market_loop_rows))
+        if args.tlift_msmt:
+            bench_tlift_msmt(rng, np.dtype(args.tlift_msmt_dtype).type)
+    if not args.skip_dense and not args.tlift_only:
         bench_dense(rng)
-    if not args.skip_knn:
+    if not args.skip_knn and not args.tlift_only:
         bench_knn(rng, args.msmt_fraction)
 
 

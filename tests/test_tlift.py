@@ -1,18 +1,23 @@
 """TLift against a plain-loop transcription of the official algorithm (spec §8)."""
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qaconv.tlift as mod
 from qaconv.errors import QAConvError
 from qaconv.tlift import tlift
 
 
 def tlift_loop(score, q_cams, q_times, g_cams, g_times, tau=100.0, sigma=200.0, k=10, alpha=0.2):
-    """Official per-probe loop, written out plainly (cameras: every id seen, empty ones skipped)."""
+    """Official per-probe loop (reid/tlift.py of QAConv v2.1), written out plainly: for every probe and gallery
+    camera, the scores of the probes of its camera within tau seconds, threshold = K-th largest (the smallest
+    when there are at most K), pivots = every entry >= threshold (a gallery image once per such entry), weight =
+    mean Gaussian kernel to the pivots. Cameras: every id seen; a camera with no gallery images is skipped."""
     n_q, n_g = score.shape
     w = np.zeros((n_q, n_g))
     for i in range(n_q):
@@ -27,6 +32,22 @@ def tlift_loop(score, q_cams, q_times, g_cams, g_times, tau=100.0, sigma=200.0, 
     return (w + alpha) * score
 
 
+@contextmanager
+def blocks(kernel_elems=None, pivot_elems=None, spans=None):
+    """Force small blocks in the fast path: kernel chunks, probe groups, parallel spans."""
+    saved = mod._KERNEL_ELEMS, mod._PIVOT_ELEMS, mod._n_spans
+    try:
+        if kernel_elems is not None:
+            mod._KERNEL_ELEMS = kernel_elems
+        if pivot_elems is not None:
+            mod._PIVOT_ELEMS = pivot_elems
+        if spans is not None:
+            mod._n_spans = lambda n: max(1, min(n, spans))
+        yield
+    finally:
+        mod._KERNEL_ELEMS, mod._PIVOT_ELEMS, mod._n_spans = saved
+
+
 def _random_case(rng, n_q, n_g, cams_q, cams_g, decimals=1, span=400.0):
     score = np.round(rng.random((n_q, n_g)), decimals)
     q_cams = rng.choice(cams_q, n_q)
@@ -36,23 +57,74 @@ def _random_case(rng, n_q, n_g, cams_q, cams_g, decimals=1, span=400.0):
     return score, q_cams, q_times, g_cams, g_times
 
 
+def _close(out, ref):
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-300)  # atol: subnormal kernel sums only
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_matches_loop_reference_with_ties(seed):
     rng = np.random.default_rng(seed)
     # non-contiguous ids; probe camera 7 has no gallery images; gallery camera 9 has no probes
     case = _random_case(rng, 23, 31, [1, 4, 7], [1, 4, 9], decimals=1)
     for k in (1, 3, 10, 500):  # 500: more than every candidate count
-        ref = tlift_loop(*case, tau=60.0, sigma=150.0, k=k)
-        out = tlift(*case, tau=60.0, sigma=150.0, k=k)
-        np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+        _close(tlift(*case, tau=60.0, sigma=150.0, k=k), tlift_loop(*case, tau=60.0, sigma=150.0, k=k))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n_q=st.integers(1, 14),
+    n_g=st.integers(1, 45),
+    n_cq=st.integers(1, 3),
+    n_cg=st.integers(1, 4),
+    k=st.integers(1, 12),
+    decimals=st.sampled_from([1, 2, 6]),  # 1: many tied scores (pivots beyond a row's top-k list)
+    span=st.sampled_from([0.0, 50.0, 400.0, 6000.0, 40000.0]),  # 0: all times tied; 40000: banded kernel
+    tau=st.sampled_from([1.0, 60.0, 1e6]),  # 1: most probes alone in their window; 1e6: all co-occur
+    alpha=st.sampled_from([0.0, 0.2, 3.0]),  # 0: no kernel value left out
+    kernel_elems=st.sampled_from([None, 1, 23]),
+    pivot_elems=st.sampled_from([None, 1, 17]),
+    spans=st.sampled_from([None, 1, 3]),
+)
+def test_fast_path_equals_loop(seed, n_q, n_g, n_cq, n_cg, k, decimals, span, tau, alpha, kernel_elems,
+                               pivot_elems, spans):
+    rng = np.random.default_rng(seed)
+    # camera ids overlap only partly: some probe cameras have no gallery images and vice versa
+    case = _random_case(rng, n_q, n_g, [0, 2, 5][:n_cq], [2, 0, 7, 8][:n_cg], decimals=decimals, span=span)
+    kw = dict(tau=tau, sigma=200.0, k=k, alpha=alpha)
+    with blocks(kernel_elems, pivot_elems, spans):
+        out = tlift(*case, **kw)
+    _close(out, tlift_loop(*case, **kw))
+
+
+def test_top_k_lists_past_the_block_maxima():
+    """Gallery cameras much larger than 4k (the block-maxima filter of the per-row top-k), with scores
+    rising along the columns (each block's maximum at its end) and a few exact ties at the threshold."""
+    rng = np.random.default_rng(5)
+    n_q, n_g = 9, 120
+    score = np.tile(np.linspace(0, 1, n_g), (n_q, 1)) + 0.01 * rng.random((n_q, n_g))
+    score[:, ::7] = 0.9
+    q_cams, g_cams = rng.integers(0, 2, n_q), rng.integers(0, 2, n_g)
+    q_times, g_times = rng.random(n_q) * 300, rng.random(n_g) * 3000
+    for k in (1, 4, 10):
+        for perm in (np.arange(n_g), rng.permutation(n_g)):
+            case = (score[:, perm], q_cams, q_times, g_cams[perm], g_times[perm])
+            _close(tlift(*case, k=k), tlift_loop(*case, k=k))
+
+
+def test_kernel_band_is_exact_to_rounding():
+    """Times far apart (most kernel values under alpha * 2^-60, left out) still give the loop's result."""
+    rng = np.random.default_rng(2)
+    case = _random_case(rng, 12, 40, [0, 1], [0, 1], decimals=3, span=200_000.0)
+    for alpha in (0.0, 1e-9, 0.2):
+        _close(tlift(*case, k=3, alpha=alpha), tlift_loop(*case, k=3, alpha=alpha))
 
 
 def test_single_probe_camera_and_camera_without_gallery():
     rng = np.random.default_rng(11)
     score, _, q_times, g_cams, g_times = _random_case(rng, 9, 12, [0], [3, 5])
     q_cams = np.full(9, 2)  # a probe camera that no gallery image has
-    np.testing.assert_allclose(tlift(score, q_cams, q_times, g_cams, g_times),
-                               tlift_loop(score, q_cams, q_times, g_cams, g_times), rtol=1e-12)
+    _close(tlift(score, q_cams, q_times, g_cams, g_times), tlift_loop(score, q_cams, q_times, g_cams, g_times))
 
 
 def test_all_probes_cooccur_and_boundary_is_strict():
@@ -62,8 +134,8 @@ def test_all_probes_cooccur_and_boundary_is_strict():
     q_times = np.array([0.0, 100.0, 50.0])  # |0 - 100| == tau: not co-occurring
     g_times = np.array([0.0, 300.0, 10.0])
     for k in (1, 2, 4):
-        np.testing.assert_allclose(tlift(score, q_cams, q_times, g_cams, g_times, k=k),
-                                   tlift_loop(score, q_cams, q_times, g_cams, g_times, k=k), rtol=1e-12)
+        _close(tlift(score, q_cams, q_times, g_cams, g_times, k=k),
+               tlift_loop(score, q_cams, q_times, g_cams, g_times, k=k))
 
 
 def test_hand_computed_single_probe():
@@ -73,23 +145,54 @@ def test_hand_computed_single_probe():
     np.testing.assert_allclose(out, [[(1.0 + 0.2) * 0.8, (math.exp(-1.0) + 0.2) * 0.2]])
 
 
-def test_dtype_kept_and_chunking_equivalent(monkeypatch):
+def test_hand_computed_tied_pivots_count_once_per_entry():
+    # two co-occurring probes; k=2 over {0.9, 0.5, 0.9, 0.1}: thr = 0.9, pivots = gallery 0 twice
+    score = np.array([[0.9, 0.5], [0.9, 0.1]])
+    out = tlift(score, [0, 0], [0.0, 10.0], [0, 0], [0.0, 200.0], sigma=200.0, k=2, alpha=0.0)
+    np.testing.assert_allclose(out, [[0.9, 0.5 * math.exp(-1.0)], [0.9, 0.1 * math.exp(-1.0)]], rtol=1e-15)
+
+
+def test_dtype_kept_and_blocking_equivalent():
     rng = np.random.default_rng(3)
     case = _random_case(rng, 40, 50, [0, 1], [0, 1, 2], decimals=2, span=200.0)
     ref = tlift(*case)
-    import qaconv.tlift as mod
-
-    monkeypatch.setattr(mod, "_KERNEL_ELEMS", 7)  # one column per chunk
-    monkeypatch.setattr(mod, "_PIVOT_ELEMS", 1)  # one probe per group
-    np.testing.assert_allclose(tlift(*case), ref, rtol=1e-12)
+    with blocks(kernel_elems=7, pivot_elems=1, spans=40):  # one column per chunk, one probe per group and span
+        _close(tlift(*case), ref)
     out32 = tlift(case[0].astype(np.float32), *case[1:])
     assert out32.dtype == np.float32
-    np.testing.assert_allclose(out32, ref, rtol=1e-5)
+    np.testing.assert_allclose(out32, ref, rtol=1e-6)
+    hundredths = np.round(case[0] * 100)
+    out_int = tlift(hundredths.astype(np.int64), *case[1:])
+    assert out_int.dtype == np.float64
+    _close(out_int, tlift(hundredths, *case[1:]))
+    _close(tlift(np.asfortranarray(case[0]), *case[1:]), ref)
 
 
-def test_bad_shapes_raise():
-    with pytest.raises(QAConvError, match="q_cams"):
-        tlift(np.zeros((2, 3)), [0], [0, 0], [0, 0, 0], [0, 0, 0])
+def test_empty_inputs():
+    assert tlift(np.zeros((0, 3)), [], [], [0, 1, 1], [0.0, 1.0, 2.0]).shape == (0, 3)
+    assert tlift(np.zeros((2, 0)), [0, 0], [0.0, 1.0], [], []).shape == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(score=np.zeros(3)), "2-D"),
+        (dict(q_cams=[0]), "q_cams"),
+        (dict(g_times=[0.0, np.nan, 1.0]), "g_times"),
+        (dict(k=0), "k must"),
+        (dict(k=2.5), "k must"),
+        (dict(tau=0.0), "tau"),
+        (dict(sigma=-1.0), "sigma"),
+        (dict(score=np.array([[0.1, np.nan, 0.2], [0.3, 0.4, 0.5]])), "NaN"),
+        (dict(score=np.array([["a", "b", "c"], ["d", "e", "f"]])), "dtype"),
+    ],
+)
+def test_bad_input_raises_one_line(change, match):
+    args = dict(score=np.ones((2, 3)), q_cams=[0, 0], q_times=[0.0, 1.0], g_cams=[0, 0, 1], g_times=[0.0, 1.0, 2.0])
+    kw = {key: change.pop(key) for key in ("k", "tau", "sigma") if key in change}
+    args.update(change)
+    with pytest.raises(QAConvError, match=match):
+        tlift(**args, **kw)
 
 
 @settings(max_examples=25, deadline=None)
@@ -117,5 +220,5 @@ def test_all_scores_tied():
     _, q_cams, q_times, g_cams, g_times = _random_case(rng, 15, 40, [0, 1], [0, 1])
     score = np.full((15, 40), 0.5)
     for k in (1, 10):
-        np.testing.assert_allclose(tlift(score, q_cams, q_times, g_cams, g_times, k=k),
-                                   tlift_loop(score, q_cams, q_times, g_cams, g_times, k=k), rtol=1e-12)
+        _close(tlift(score, q_cams, q_times, g_cams, g_times, k=k),
+               tlift_loop(score, q_cams, q_times, g_cams, g_times, k=k))

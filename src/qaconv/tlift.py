@@ -41,78 +41,71 @@ def _n_spans(n: int) -> int:
     return max(1, min(n, 4 * numba.get_num_threads()))
 
 
-@njit(cache=True, inline="always")
-def _push(vals, idx, n, m, v, i):  # pragma: no cover - compiled
-    """Insert (v, i) into the descending list vals[:n] of at most m entries (after equal values); new n."""
-    if n == m and v <= vals[m - 1]:
-        return n
-    q = n if n < m else m - 1
-    while q > 0 and vals[q - 1] < v:
-        vals[q] = vals[q - 1]
-        idx[q] = idx[q - 1]
-        q -= 1
-    vals[q] = v
-    idx[q] = i
-    return n + 1 if n < m else n
-
-
 @njit(parallel=True, cache=True)
-def _row_topk(score, gorder, goff, kk, k, n_s):  # pragma: no cover - compiled
+def _row_topk(score, gorder, goff, kk, topv, topi, n_s):  # pragma: no cover - compiled
     """Per row and gallery camera c, the kk[c] largest scores (descending, float64) and their positions
-    within camera c (grouped order ``gorder``); returns (topv [Q, C, k], topi [Q, C, k], #NaN scores).
+    within camera c (grouped order ``gorder``) into topv, topi [Q, C, k]; returns the number of NaN scores.
 
-    Each row is gathered into camera order; per camera the kk-th largest of 2 kk block maxima is a lower
-    bound of the kk-th largest score, so only the few scores at or above it are ranked exactly."""
+    Each row is gathered into camera order in 2 kk blocks per camera; the kk-th largest block maximum is a
+    lower bound of the kk-th largest score, so only the blocks whose maximum reaches it are ranked."""
     n_q, n_g = score.shape
     n_c = len(kk)
-    topv = np.full((n_q, n_c, k), -np.inf)
-    topi = np.full((n_q, n_c, k), -1, np.int64)
+    k = topv.shape[2]
     n_nan = np.zeros(n_s, np.int64)
-    gmax = 1
-    for c in range(n_c):
-        gmax = max(gmax, goff[c + 1] - goff[c])
     for s in prange(n_s):
         row = np.empty(n_g)
         bmax = np.empty(2 * k)
-        bidx = np.empty(2 * k, np.int64)
+        bsel = np.empty(2 * k)
         for r in range(s * n_q // n_s, (s + 1) * n_q // n_s):
             src = score[r]
+            bad = 0
             for c in range(n_c):
                 m = kk[c]
                 g0 = goff[c]
                 n = goff[c + 1] - g0
                 seg = row[g0 : g0 + n]
-                bad = 0
-                bar = -np.inf
-                if n > 4 * m:  # 2m blocks of n // 2m (the last one takes the remainder), gathered on the way
-                    nb = 2 * m
-                    size = n // nb
-                    got = 0
-                    for b in range(nb):
-                        mx = -np.inf
-                        for t in range(b * size, n if b == nb - 1 else (b + 1) * size):
-                            v = np.float64(src[gorder[g0 + t]])
-                            seg[t] = v
-                            bad += v != v
-                            if v > mx:
-                                mx = v
-                        got = _push(bmax, bidx, got, m, mx, b)
-                    bar = bmax[m - 1]
-                else:
-                    for t in range(n):
+                nb = 2 * m if n > 4 * m else 1  # blocks of n // nb, the last one takes the remainder
+                size = n // nb
+                for b in range(nb):
+                    mx = -np.inf
+                    for t in range(b * size, n if b == nb - 1 else (b + 1) * size):
                         v = np.float64(src[gorder[g0 + t]])
                         seg[t] = v
                         bad += v != v
-                if bad:
-                    n_nan[s] += bad
-                    continue
+                        if v > mx:
+                            mx = v
+                    bmax[b] = mx
+                    bsel[b] = mx
+                bar = -np.inf
+                if nb > 1:  # the m-th largest block maximum (partial selection sort)
+                    for a in range(m):
+                        best = a
+                        for b in range(a + 1, nb):
+                            if bsel[b] > bsel[best]:
+                                best = b
+                        bsel[a], bsel[best] = bsel[best], bsel[a]
+                    bar = bsel[m - 1]
                 tv = topv[r, c]
                 ti = topi[r, c]
                 got = 0
-                for t in range(n):
-                    if seg[t] >= bar:
-                        got = _push(tv, ti, got, m, seg[t], t)
-    return topv, topi, n_nan.sum()
+                for b in range(nb):
+                    if nb > 1 and bmax[b] < bar:
+                        continue
+                    for t in range(b * size, n if b == nb - 1 else (b + 1) * size):
+                        v = seg[t]
+                        if v < bar or (got == m and v <= tv[m - 1]):
+                            continue
+                        q = got if got < m else m - 1
+                        while q > 0 and tv[q - 1] < v:  # after equal values: the first seen stays first
+                            tv[q] = tv[q - 1]
+                            ti[q] = ti[q - 1]
+                            q -= 1
+                        tv[q] = v
+                        ti[q] = t
+                        if got < m:
+                            got += 1
+            n_nan[s] += bad
+    return n_nan.sum()
 
 
 @njit(cache=True)
@@ -155,7 +148,6 @@ def _pivots(score, topv, topi, kk, gsize, goff, gorder, porder, lo, hi, k, p0, p
         mark = np.full(gmax, -1, np.int64)
         slot = np.zeros(gmax, np.int64)
         buf = np.empty(k)
-        dummy = np.empty(k, np.int64)
         stamp = 0
         for pos in range(p0 + s * n // n_s, p0 + (s + 1) * n // n_s):
             i = porder[pos]
@@ -175,7 +167,13 @@ def _pivots(score, topv, topi, kk, gsize, goff, gorder, porder, lo, hi, k, p0, p
                             v = topv[j, c, e]
                             if nb == m and v <= buf[m - 1]:
                                 break  # the rest of row j's list is smaller still
-                            nb = _push(buf, dummy, nb, m, v, 0)
+                            q = nb if nb < m else m - 1
+                            while q > 0 and buf[q - 1] < v:
+                                buf[q] = buf[q - 1]
+                                q -= 1
+                            buf[q] = v
+                            if nb < m:
+                                nb += 1
                     t = buf[m - 1]
                     thr[i, c] = t
                 stamp += 1
@@ -366,7 +364,8 @@ def tlift(
     pcode = pcode.reshape(-1)
     porder = np.lexsort((q_times, pcode)).astype(np.int64)
     with _LOCK:
-        topv, topi, n_nan = _row_topk(work, gorder, goff, kk, k, _n_spans(n_q))
+        topv, topi = np.full((n_q, n_c, k), -np.inf), np.full((n_q, n_c, k), -1, np.int64)
+        n_nan = _row_topk(work, gorder, goff, kk, topv, topi, _n_spans(n_q))
         if n_nan:
             raise QAConvError(f"tlift: score has {n_nan} NaN entries; expected finite similarities")
         lo, hi = _windows(q_times[porder], pcode[porder].astype(np.int64), float(tau))
