@@ -86,21 +86,35 @@ def _check_scores(pos, neg) -> tuple[np.ndarray, np.ndarray]:
     return pos, neg
 
 
-def roc_curve(pos, neg) -> dict[str, np.ndarray]:
+def roc_curve(pos, neg) -> dict:
     """The ROC's corners: for each distinct positive score t (descending) ``threshold`` t, ``tar`` = TAR(t),
-    ``far`` = FAR(t) with acceptance ``score >= t``. The best TAR at any FAR is reached at one of these
-    thresholds (lowering a threshold to the next positive score gains TAR, anything between only adds FAR).
+    ``far`` = FAR(t) with acceptance ``score >= t``; and ``auc`` (see :func:`auc`). The best TAR at any FAR is
+    reached at one of these thresholds (lowering a threshold to the next positive score gains TAR, anything
+    between only adds FAR).
 
     >>> r = roc_curve([3.0, 1.0], [2.0, 1.0])
     >>> r["threshold"].tolist(), r["tar"].tolist(), r["far"].tolist()
     ([3.0, 1.0], [0.5, 1.0], [0.0, 1.0])
     """
     pos, neg = _check_scores(pos, neg)
-    t = np.unique(pos)[::-1]
-    pos_sorted, neg_sorted = np.sort(pos), np.sort(neg)
-    tar = (len(pos) - np.searchsorted(pos_sorted, t, side="left")) / len(pos)
-    far = (len(neg) - np.searchsorted(neg_sorted, t, side="left")) / len(neg)
-    return {"threshold": t, "tar": tar, "far": far}
+    t, mult = np.unique(pos, return_counts=True)  # ascending
+    less, leq = _negatives_below(t, neg)
+    tar = np.cumsum(mult[::-1]) / len(pos)  # positives >= t, for t descending
+    far = (len(neg) - less[::-1]) / len(neg)
+    area = float(np.sum(mult * (less + 0.5 * (leq - less))) / (len(pos) * len(neg)))
+    return {"threshold": t[::-1], "tar": tar, "far": far, "auc": area}
+
+
+def _negatives_below(t: np.ndarray, neg: np.ndarray, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """(#neg < t_k, #neg <= t_k) for ascending thresholds ``t``, by locating each negative among the thresholds
+    (O(N log K), chunked, no sort of the N negatives)."""
+    less, leq = np.zeros(len(t) + 1, dtype=np.int64), np.zeros(len(t) + 1, dtype=np.int64)
+    for start in range(0, len(neg), chunk):
+        part = neg[start : start + chunk]
+        # a negative n is < t_k for every k >= #(t <= n), and <= t_k for every k >= #(t < n)
+        less += np.bincount(np.searchsorted(t, part, side="right"), minlength=len(t) + 1)
+        leq += np.bincount(np.searchsorted(t, part, side="left"), minlength=len(t) + 1)
+    return np.cumsum(less)[:-1], np.cumsum(leq)[:-1]
 
 
 def estimable(far: float, num_negative: int) -> bool:
@@ -153,11 +167,7 @@ def threshold_keeping(pos, tar: float = DIFFERENT_TAR) -> float:
 
 def auc(pos, neg) -> float:
     """Area under the ROC: P(positive > negative) + P(tie) / 2 over all pairs of a positive and a negative."""
-    pos, neg = _check_scores(pos, neg)
-    neg_sorted = np.sort(neg)
-    below = np.searchsorted(neg_sorted, pos, side="left")
-    ties = np.searchsorted(neg_sorted, pos, side="right") - below
-    return float((below.sum() + 0.5 * ties.sum()) / (len(pos) * len(neg)))
+    return roc_curve(pos, neg)["auc"]
 
 
 # -- Platt scaling ------------------------------------------------------------------------------------------
@@ -232,18 +242,18 @@ def thin_roc(roc: dict, max_points: int = 1000) -> dict[str, list[float]]:
     return {k: [float(v) for v in np.asarray(roc[k])[idx]] for k in ("far", "tar", "threshold")}
 
 
-def score_summary(pos, neg, fars=FARS, bins: int = 50) -> dict:
+def score_summary(pos, neg, fars=FARS, bins: int = 50, roc: dict | None = None) -> dict:
     """Counts, per-class statistics, AUC, TAR@FAR (:func:`tar_at_far`), a thinned ROC and histograms over
-    shared bin edges, as JSON-ready values."""
+    shared bin edges, as JSON-ready values (``roc``: :func:`roc_curve` of the scores, when computed already)."""
     pos, neg = _check_scores(pos, neg)
-    roc = roc_curve(pos, neg)
+    roc = roc_curve(pos, neg) if roc is None else roc
     lo, hi = float(min(pos.min(), neg.min())), float(max(pos.max(), neg.max()))
     edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
     return {
         "pairs": {"positive": len(pos), "negative": len(neg)},
         "positive": _stats(pos),
         "negative": _stats(neg),
-        "auc": auc(pos, neg),
+        "auc": roc["auc"],
         "tar_at_far": tar_at_far(pos, neg, fars, roc),
         "roc": thin_roc(roc),
         "histogram": {"edges": edges.tolist(), "positive": np.histogram(pos, edges)[0].tolist(),
@@ -251,13 +261,14 @@ def score_summary(pos, neg, fars=FARS, bins: int = 50) -> dict:
     }
 
 
-def verdict_bands(pos, neg, same_far: float = SAME_FAR, different_tar: float = DIFFERENT_TAR) -> dict:
+def verdict_bands(pos, neg, same_far: float = SAME_FAR, different_tar: float = DIFFERENT_TAR,
+                  roc: dict | None = None) -> dict:
     """Thresholds of the verdict bands: ``same_threshold`` at FAR ``same_far`` (raised to 1/N when the N negatives
     cannot estimate it; None when no positive pair scores above the negatives that FAR allows) and
     ``different_threshold`` keeping ``different_tar`` of the positive pairs (:func:`threshold_keeping`)."""
     pos, neg = _check_scores(pos, neg)
     used = same_far if estimable(same_far, len(neg)) else 1.0 / len(neg)
-    point = tar_at_far(pos, neg, [used])[0]
+    point = tar_at_far(pos, neg, [used], roc)[0]
     note = "" if used == same_far else (f"FAR {same_far:g} needs {math.ceil(1 / same_far - 1e-9):,} different-"
                                         f"identity pairs, the calibration set has {len(neg):,}: the band uses FAR "
                                         f"1/{len(neg):,}")
@@ -269,8 +280,9 @@ def verdict_bands(pos, neg, same_far: float = SAME_FAR, different_tar: float = D
 def calibrate_scores(pos, neg, fars=FARS, same_far: float = SAME_FAR, different_tar: float = DIFFERENT_TAR) -> dict:
     """The calibration content of positive/negative pair scores: :func:`score_summary`, ``bands``
     (:func:`verdict_bands`) and ``platt`` (:func:`fit_calibration_model`)."""
-    out = score_summary(pos, neg, fars)
-    out["bands"] = verdict_bands(pos, neg, same_far, different_tar)
+    roc = roc_curve(pos, neg)
+    out = score_summary(pos, neg, fars, roc=roc)
+    out["bands"] = verdict_bands(pos, neg, same_far, different_tar, roc)
     out["platt"] = fit_calibration_model(pos, neg)
     return out
 
