@@ -110,8 +110,9 @@ def _official_parts(d: np.ndarray, q: int, k1: int, k2: int):
 def reference(full: np.ndarray, emb: np.ndarray, q: int, m: int, conv: str, k1: int, k2: int, lam: float):
     """(s_qg, re-ranked [q, G]) by loops. s_qg: per query, its m best gallery items by cosine keep their logits,
     the rest sit at (cos - 2) + min of them. Re-ranking: row r of O (column r of D) keeps the exact distance of
-    its m nearest of all N by cosine, the rest (cos - 2) + min of those logits; D in the official orientation
-    (gallery x query block = transposed query-gallery logits); the final lambda term uses s_qg."""
+    its m nearest of all N by cosine and of its farthest, the rest (cos - 2) + min of the m nearest's logits; D
+    in the official orientation (gallery x query block = transposed query-gallery logits); the final lambda
+    term uses s_qg."""
     n, g = len(full), len(full) - q
     cos = emb @ emb.T
     s_qg = np.empty((q, g))
@@ -124,10 +125,11 @@ def reference(full: np.ndarray, emb: np.ndarray, q: int, m: int, conv: str, k1: 
     logit = np.array([[full[b, a] if a >= q > b else full[a, b] for b in range(n)] for a in range(n)])  # D[a, b]
     virtual = np.empty((n, n))
     for r in range(n):  # column r of D
-        short = sorted(range(n), key=lambda c: -cos[r, c])[:m]
+        order = sorted(range(n), key=lambda c: -cos[r, c])
+        short, exact = order[:m], set(order[:m]) | {order[-1]}
         low = min(logit[c, r] for c in short)
         for c in range(n):
-            virtual[c, r] = logit[c, r] if c in short else cos[r, c] - 2 + low
+            virtual[c, r] = logit[c, r] if c in exact else cos[r, c] - 2 + low
     d = logit_distance(virtual, conv)
     jac, _ = _official_parts(d, q, k1, k2)
     return s_qg, (1 - lam) * jac[:, q:] + lam * logit_distance(s_qg, conv) / d.max(axis=0)[:q, None]
@@ -194,14 +196,15 @@ def test_the_query_gallery_row_is_two_stage_scores():
 
 
 def test_each_pair_is_scored_once():
-    """(Q+G) x M + Q x M requests; the symmetric head scores each unordered pair once, v1 each ordered pair."""
+    """(Q+G) x (M + 1) + Q x M requests (the +1: each image's farthest); the symmetric head scores each
+    unordered pair once, v1 each ordered pair."""
     q, g, _ = _world(6)
     for version in ("2.1", "1"):
         sl = ev.shortlist_candidates(q, g, 5, lists=6)
         ev.score_shortlists(_head(version), q, g, sl)
         keys = set()
         for r in range(N):
-            for c in sl.cand[r, :5]:
+            for c in [*sl.cand[r, :5], sl.far[r]]:
                 pair = (r, int(c)) if r < Q <= c else (int(c), r)
                 keys.add(tuple(sorted(pair)) if version == "2.1" else pair)
         keys |= {(i, Q + int(j)) for i in range(Q) for j in sl.gal_cand[i]}

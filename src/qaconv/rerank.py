@@ -92,7 +92,8 @@ def candidate_lists(
 
     Args:
         cand: [n, K] distinct column indices per row of O (any order).
-        raw: [n, K] raw distances ``D[cand[r, j], r]`` (row r of O before the division by ``col_max[r]``).
+        raw: [n, K] raw distances ``D[cand[r, j], r]`` (row r of O before the division by ``col_max[r]``);
+            NaN marks an entry never to select (e.g. padding).
         col_max: [n] the column maxima of D (of the whole column, not only of the candidates).
         m: list length (at most K).
 

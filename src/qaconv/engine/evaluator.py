@@ -276,18 +276,22 @@ class Shortlists:
     maps. ``gal_cand`` [Q, Mg] (gallery indices, best first, Mg = min(M, G)): each query's shortlist, as in
     :func:`~qaconv.gallery.search.two_stage_scores`. ``cand`` [N, K] (stack indices, best first, K = min(N,
     max(M, list length))) and ``cand_cos``: every image's nearest images, of which the first ``m`` = min(M, N)
-    are re-scored; ``min_cos`` [N]: each row's smallest cosine. ``gal_logit`` [Q, Mg] and ``logit`` [N, m] are
-    the exact logits (:func:`score_shortlists`); ``pairs``: distinct pairs re-scored."""
+    are re-scored; ``far`` [N]: each image's farthest image (also re-scored, for the column maxima) and
+    ``tail_cos`` [N] the second-smallest cosine (the lowest of the images not re-scored). ``gal_logit`` [Q, Mg],
+    ``logit`` [N, m] and ``far_logit`` [N] are the exact logits (:func:`score_shortlists`); ``pairs``: distinct
+    pairs re-scored."""
 
     num_query: int
     emb: torch.Tensor
     gal_cand: np.ndarray
     cand: np.ndarray
     cand_cos: np.ndarray
-    min_cos: np.ndarray
+    far: np.ndarray
+    tail_cos: np.ndarray
     m: int
     gal_logit: np.ndarray | None = None
     logit: np.ndarray | None = None
+    far_logit: np.ndarray | None = None
     pairs: int = 0
 
 
@@ -323,13 +327,15 @@ def shortlist_candidates(q: torch.Tensor, g: torch.Tensor, m: int, lists: int = 
     gal_cand = []
     for a, b in _mine(_row_blocks(nq, len(g))):
         gal_cand.append((on_dev[a:b] @ on_dev[nq:].t()).topk(mg, dim=1).indices.int().cpu())
-    cand, cand_cos, min_cos = [], [], []
+    cand, cand_cos, far, tail_cos = [], [], [], []
     for a, b in _mine(_row_blocks(n, n)):
         cos = on_dev[a:b] @ on_dev.t()
         top = cos.topk(k, dim=1)
         cand.append(top.indices.int().cpu())
         cand_cos.append(top.values.cpu())
-        min_cos.append(cos.amin(dim=1).cpu())
+        low = cos.topk(min(2, n), dim=1, largest=False)
+        far.append(low.indices[:, 0].int().cpu())
+        tail_cos.append(low.values[:, -1].cpu())
     like_i, like_f = torch.empty(0, dtype=torch.int32), torch.empty(0)
     return Shortlists(
         num_query=nq,
@@ -337,7 +343,8 @@ def shortlist_candidates(q: torch.Tensor, g: torch.Tensor, m: int, lists: int = 
         gal_cand=_gather_cat(gal_cand, like_i).numpy().reshape(nq, mg),
         cand=_gather_cat(cand, like_i).numpy().reshape(n, k),
         cand_cos=_gather_cat(cand_cos, like_f).numpy().reshape(n, k),
-        min_cos=_gather_cat(min_cos, like_f).numpy(),
+        far=_gather_cat(far, like_i).numpy(),
+        tail_cos=_gather_cat(tail_cos, like_f).numpy(),
         m=min(m, n),
     )
 
@@ -392,8 +399,8 @@ def _score_pairs(matcher, q, g, probe: np.ndarray, gal: np.ndarray, dev, memory:
 @torch.inference_mode()
 def score_shortlists(matcher, q, g, sl: Shortlists, device=None, memory: int | None = None,
                      progress: bool = False) -> Shortlists:
-    """Fill ``sl.logit`` and ``sl.gal_logit`` with exact QAConv logits, each distinct pair scored once (a
-    symmetric head: each unordered pair once). Returns ``sl``. Extra memory O((Q+G) * M)."""
+    """Fill ``sl.logit``, ``sl.gal_logit`` and ``sl.far_logit`` with exact QAConv logits, each distinct pair scored
+    once (a symmetric head: each unordered pair once). Returns ``sl``. Extra memory O((Q+G) * M)."""
     from ..matching import DEFAULT_MEMORY
 
     dev = pick_device(device)
@@ -404,10 +411,11 @@ def score_shortlists(matcher, q, g, sl: Shortlists, device=None, memory: int | N
         fold = fold_head(matcher)
         symmetric = bool(fold is not None and fold["symmetric"])
         n, nq, m = len(sl.cand), sl.num_query, sl.m
-        keys = np.empty(n * m + sl.gal_cand.size, dtype=np.int64)
+        keys = np.empty(n * m + sl.gal_cand.size + n, dtype=np.int64)
         for a, b in _row_blocks(n, m):
             keys[a * m : b * m] = _pair_key(np.arange(a, b)[:, None], sl.cand[a:b, :m], nq, n, symmetric).ravel()
-        keys[n * m :] = _pair_key(np.arange(nq)[:, None], nq + sl.gal_cand, nq, n, symmetric).ravel()
+        keys[n * m : -n] = _pair_key(np.arange(nq)[:, None], nq + sl.gal_cand, nq, n, symmetric).ravel()
+        keys[-n:] = _pair_key(np.arange(n), sl.far, nq, n, symmetric)
         keys.sort()
         uniq = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
         del keys
@@ -425,6 +433,7 @@ def score_shortlists(matcher, q, g, sl: Shortlists, device=None, memory: int | N
         for a, b in _row_blocks(n, m):
             sl.logit[a:b] = lookup(np.arange(a, b)[:, None], sl.cand[a:b, :m])
         sl.gal_logit = lookup(np.arange(nq)[:, None], nq + sl.gal_cand)
+        sl.far_logit = lookup(np.arange(n), sl.far)
         sl.pairs = len(uniq)
         return sl
     finally:
@@ -471,36 +480,45 @@ def shortlist_rerank(sl: Shortlists, s_qg: np.ndarray, opts: dict) -> np.ndarray
     :func:`qaconv.rerank.k_reciprocal_knn`; no [Q+G]^2 matrix is ever built.
 
     The re-ranking sees, for each image r (a row of the official O, a column of D), the matrix
-    D~[c, r] = :func:`logit_distance` of: the exact logit for r's ``m`` shortlisted images c (in the official
-    orientation, see :func:`_pair_key`), ``(cosine(r, c) - 2) + min(r's exact logits)`` for every other c, so
-    that in each row the images not re-scored for it rank below the re-scored ones, in pooled-cosine order.
-    Its column maxima are those of D~ (the tail's lowest cosine); the final ``lambda`` term uses ``s_qg`` (the
-    query-gallery two-stage logits). With M >= Q+G and M >= G this is the exhaustive protocol."""
+    D~[c, r] = :func:`logit_distance` of: the exact logit (in the official orientation, see :func:`_pair_key`)
+    for r's ``m`` shortlisted images c and for r's farthest image by pooled cosine; ``(cosine(r, c) - 2) +``
+    the smallest logit of r's shortlist for every other c. So in each row the images not re-scored rank below
+    the shortlist, in pooled-cosine order, and the column maximum (the official normalisation) comes from an
+    exact distance to a far image (or the tail's lowest cosine, whichever is larger). The final ``lambda`` term
+    uses ``s_qg`` (the two-stage query-gallery logits). With M >= Q+G and M >= G this is the exhaustive protocol."""
     conv = opts["rerank_input"]
     n, m = len(sl.cand), sl.m
     lists = min(n, max(opts["k1"] + 1, opts["k2"]))
     tail = m < n
     width = max(m, lists)
-    low = sl.logit.min(axis=1)  # each row's smallest exact logit
-    raw = np.empty((n, width), dtype=np.float32)  # D~ of every row's first `width` candidates
-    for a, b in _row_blocks(n, width):
+    low = sl.logit.min(axis=1)  # each row's smallest shortlisted logit: the tail sits below it
+    far_d = logit_distance(sl.far_logit, conv).astype(np.float32)
+    raw = np.empty((n, width + 1), dtype=np.float32)  # D~ of each row's first `width` candidates and its farthest
+    for a, b in _row_blocks(n, width + 1):
         raw[a:b, :m] = logit_distance(sl.logit[a:b], conv)
-        raw[a:b, m:] = logit_distance((sl.cand_cos[a:b, m:width] - TAIL_OFFSET) + low[a:b, None], conv)
+        is_far = sl.cand[a:b, m:width] == sl.far[a:b, None]
+        tail_d = logit_distance((sl.cand_cos[a:b, m:width] - TAIL_OFFSET) + low[a:b, None], conv)
+        raw[a:b, m:width] = np.where(is_far, far_d[a:b, None], tail_d)
+        raw[a:b, width] = far_d[a:b]
     col_max = raw.max(axis=1)
-    if tail:
-        col_max = np.maximum(col_max, logit_distance((sl.min_cos - TAIL_OFFSET) + low, conv).astype(np.float32))
+    if n - m >= 2:  # some images are neither shortlisted nor the farthest: the tail's lowest
+        col_max = np.maximum(col_max, logit_distance((sl.tail_cos - TAIL_OFFSET) + low, conv).astype(np.float32))
     _check_col_max(col_max, conv, tail)
-    nn_index, nn_dist = candidate_lists(sl.cand[:, :width], raw, col_max, lists)
-    del raw
-    # exact D~ of each row's shortlist, sorted by key r * n + c for the lookups of pair_dist
-    order = np.argsort(sl.cand[:, :m], axis=1)
-    row_keys = (np.arange(n, dtype=np.int64)[:, None] * n + np.take_along_axis(sl.cand[:, :m], order, 1)).ravel()
-    row_logit = np.take_along_axis(sl.logit, order, 1).ravel()
-    del order
+    cand = np.concatenate([sl.cand[:, :width], sl.far[:, None]], axis=1)
+    raw[(sl.cand[:, :width] == sl.far[:, None]).any(axis=1), width] = np.nan  # already a column: never selected
+    nn_index, nn_dist = candidate_lists(cand, raw, col_max, lists)
+    del raw, cand
+    # exact D~ of each row (shortlist and farthest), sorted by key r * n + c for the lookups of pair_dist
+    exact_c = np.concatenate([sl.cand[:, :m], sl.far[:, None]], axis=1)
+    exact_l = np.concatenate([sl.logit, sl.far_logit[:, None]], axis=1)
+    order = np.argsort(exact_c, axis=1, kind="stable")
+    row_keys = (np.arange(n, dtype=np.int64)[:, None] * n + np.take_along_axis(exact_c, order, 1)).ravel()
+    row_logit = np.take_along_axis(exact_l, order, 1).ravel()
+    del order, exact_c, exact_l
     emb = sl.emb.numpy()
 
     def pair_dist(c: np.ndarray, r: np.ndarray) -> np.ndarray:
-        """D~[c, r] element-wise: exact on r's shortlist, else the tail's value."""
+        """D~[c, r] element-wise: exact on r's shortlist and farthest, else the tail's value."""
         key = r.astype(np.int64) * n + c
         pos = np.minimum(np.searchsorted(row_keys, key), len(row_keys) - 1)
         hit = row_keys[pos] == key
