@@ -109,21 +109,21 @@ def first_stage(rows, query_maps: torch.Tensor, m: int, allowed: np.ndarray, q_c
     q = PooledCosine.embed(query_maps.float().cpu())  # [Q, C]
     num_q = len(q)
     pooled = _tensor(rows.pooled)
-    blocked = torch.from_numpy(~allowed)
+    blocked = None if allowed.all() else torch.from_numpy(~allowed)
     cams = _tensor(np.ascontiguousarray(rows.cams))
-    qc = None if q_cams is None else torch.as_tensor(np.asarray(q_cams, dtype=np.int64))
-    top_s = torch.full((num_q, m), -math.inf)
-    top_i = torch.zeros((num_q, m), dtype=torch.int64)
+    qc = None if q_cams is None else torch.as_tensor(np.asarray(q_cams, dtype=np.int64)).unsqueeze(1)
+    top_s = torch.full((num_q, 0), -math.inf)
+    top_i = torch.zeros((num_q, 0), dtype=torch.int64)
     for g0 in range(0, rows.n, FIRST_STAGE_BLOCK):
         g1 = min(g0 + FIRST_STAGE_BLOCK, rows.n)
         s = q @ pooled[g0:g1].t()  # [Q, b]
-        s.masked_fill_(blocked[g0:g1].unsqueeze(0), -math.inf)
+        if blocked is not None:
+            s.masked_fill_(blocked[g0:g1], -math.inf)
         if qc is not None:
-            s.masked_fill_(cams[g0:g1].unsqueeze(0) == qc.unsqueeze(1), -math.inf)
-        cand_s = torch.cat((top_s, s), dim=1)
-        cand_i = torch.cat((top_i, torch.arange(g0, g1).expand(num_q, -1)), dim=1)
-        top_s, pos = cand_s.topk(min(m, cand_s.shape[1]), dim=1)
-        top_i = cand_i.gather(1, pos)
+            s.masked_fill_(cams[g0:g1] == qc, -math.inf)
+        bs, bi = s.topk(min(m, g1 - g0), dim=1)  # the block's best, then merged with the best so far (small)
+        top_s, pos = torch.cat((top_s, bs), dim=1).topk(min(m, top_s.shape[1] + bs.shape[1]), dim=1)
+        top_i = torch.cat((top_i, bi + g0), dim=1).gather(1, pos)
     return top_i.numpy(), torch.isfinite(top_s).numpy()
 
 

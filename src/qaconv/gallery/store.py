@@ -60,7 +60,7 @@ OPTIONS = {"new_table_enable_stable_row_ids": "true"}
 
 
 def _lancedb():
-    os.environ.setdefault("LANCE_LOG", "error")  # Lance's Rust warnings would garble one-line errors
+    os.environ.setdefault("LANCEDB_LOG", "error")  # Lance's Rust warnings would garble one-line errors
     import lancedb  # noqa: PLC0415 - heavy import, only when a store is used
 
     return lancedb
@@ -460,14 +460,14 @@ class Store:
         allowed), read from the table version of ``rows``. Non-finite maps are refused naming their paths."""
         positions = np.asarray(positions, dtype=np.int64)
         c, h, w = self.model["feature_shape"]
-        out = np.empty((len(positions), c, h, w), dtype=np.float16)
+        if len(positions) <= TAKE_BLOCK and (len(positions) < 2 or (np.diff(positions) > 0).all()):
+            return self._take_block(rows, positions)  # distinct and sorted (the usual case): one read, one copy
         uniq, inverse = np.unique(positions, return_inverse=True)
         got = np.empty((len(uniq), c, h, w), dtype=np.float16)
         for b0 in range(0, len(uniq), TAKE_BLOCK):
             block = uniq[b0 : b0 + TAKE_BLOCK]
             got[b0 : b0 + len(block)] = self._take_block(rows, block)
-        out[:] = got[inverse.reshape(-1)]
-        return out
+        return got[inverse.reshape(-1)]
 
     def _take_block(self, rows: Rows, positions: np.ndarray) -> np.ndarray:
         c, h, w = self.model["feature_shape"]
