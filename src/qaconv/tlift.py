@@ -42,12 +42,13 @@ def _n_spans(n: int) -> int:
 
 
 @njit(parallel=True, cache=True)
-def _row_topk(score, gorder, goff, kk, topv, topi, n_s):  # pragma: no cover - compiled
-    """Per row and gallery camera c, the kk[c] largest scores (descending, float64) and their positions
-    within camera c (grouped order ``gorder``) into topv, topi [Q, C, k]; returns the number of NaN scores.
+def _row_topk(score, gstab, tloc, goff, kk, topv, topi, n_s):  # pragma: no cover - compiled
+    """Per row and gallery camera c, the kk[c] largest scores (descending, float64) and their positions in
+    camera c's time order (``tloc``) into topv, topi [Q, C, k]; returns the number of NaN scores.
 
-    Each row is gathered into camera order in 2 kk blocks per camera; the kk-th largest block maximum is a
-    lower bound of the kk-th largest score, so only the blocks whose maximum reaches it are ranked."""
+    Each row is gathered into camera order (``gstab``: by camera, else as given) in 2 kk blocks per camera;
+    the kk-th largest block maximum is a lower bound of the kk-th largest score, so only the blocks whose
+    maximum reaches it are ranked."""
     n_q, n_g = score.shape
     n_c = len(kk)
     k = topv.shape[2]
@@ -59,6 +60,10 @@ def _row_topk(score, gorder, goff, kk, topv, topi, n_s):  # pragma: no cover - c
         for r in range(s * n_q // n_s, (s + 1) * n_q // n_s):
             src = score[r]
             bad = 0
+            for l in range(n_g):
+                v = np.float64(src[gstab[l]])
+                row[l] = v
+                bad += v != v
             for c in range(n_c):
                 m = kk[c]
                 g0 = goff[c]
@@ -67,13 +72,17 @@ def _row_topk(score, gorder, goff, kk, topv, topi, n_s):  # pragma: no cover - c
                 nb = 2 * m if n > 4 * m else 1  # blocks of n // nb, the last one takes the remainder
                 size = n // nb
                 for b in range(nb):
-                    mx = -np.inf
-                    for t in range(b * size, n if b == nb - 1 else (b + 1) * size):
-                        v = np.float64(src[gorder[g0 + t]])
-                        seg[t] = v
-                        bad += v != v
-                        if v > mx:
-                            mx = v
+                    blk = seg[b * size : n if b == nb - 1 else (b + 1) * size]
+                    m0 = m1 = m2 = m3 = blk[0]  # four running maxima (NaN is caught above)
+                    n4 = len(blk) // 4 * 4
+                    for t in range(0, n4, 4):
+                        m0 = max(m0, blk[t])
+                        m1 = max(m1, blk[t + 1])
+                        m2 = max(m2, blk[t + 2])
+                        m3 = max(m3, blk[t + 3])
+                    for t in range(n4, len(blk)):
+                        m0 = max(m0, blk[t])
+                    mx = max(max(m0, m1), max(m2, m3))
                     bmax[b] = mx
                     bsel[b] = mx
                 bar = -np.inf
@@ -89,10 +98,12 @@ def _row_topk(score, gorder, goff, kk, topv, topi, n_s):  # pragma: no cover - c
                 ti = topi[r, c]
                 got = 0
                 for b in range(nb):
-                    if nb > 1 and bmax[b] < bar:
+                    if nb > 1 and not bmax[b] >= bar:
                         continue
-                    for t in range(b * size, n if b == nb - 1 else (b + 1) * size):
-                        v = seg[t]
+                    t0 = b * size
+                    blk = seg[t0 : n if b == nb - 1 else t0 + size]
+                    for t in range(len(blk)):  # range(len()) indices: no wrap-around checks
+                        v = blk[t]
                         if v < bar or (got == m and v <= tv[m - 1]):
                             continue
                         q = got if got < m else m - 1
@@ -101,7 +112,7 @@ def _row_topk(score, gorder, goff, kk, topv, topi, n_s):  # pragma: no cover - c
                             ti[q] = ti[q - 1]
                             q -= 1
                         tv[q] = v
-                        ti[q] = t
+                        ti[q] = tloc[g0 + t0 + t]
                         if got < m:
                             got += 1
             n_nan[s] += bad
@@ -209,13 +220,13 @@ def _pivots(score, topv, topi, kk, gsize, goff, gorder, porder, lo, hi, k, p0, p
                     tot[i, c] = total
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _bands(tg, goff, tcol, coff, sigma2, cut, blo, bhi):  # pragma: no cover - compiled
     """Per gallery image p (rows, times ``tg`` sorted within each camera) the range [blo, bhi) of its camera's
     chunk columns (times ``tcol`` sorted within each camera at ``coff``) where the kernel exponent
     -(t_p - t)^2 / sigma^2 is >= -cut: contiguous, since the exponent rises then falls along sorted times."""
     n_c = len(goff) - 1
-    for c in prange(n_c):
+    for c in range(n_c):
         tc = tcol[coff[c] : coff[c + 1]]
         n = len(tc)
         a = 0
@@ -232,11 +243,11 @@ def _bands(tg, goff, tcol, coff, sigma2, cut, blo, bhi):  # pragma: no cover - c
             bhi[p] = b
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern):  # pragma: no cover - compiled
     """The exponents -(t_p - t)^2 / sigma^2 of each row's band, packed at ``boff[p]`` (np.exp follows)."""
     n_c = len(goff) - 1
-    for c in prange(n_c):
+    for c in range(n_c):
         tc = tcol[coff[c] : coff[c + 1]]
         for p in range(goff[c], goff[c + 1]):
             t = tg[p]
@@ -350,13 +361,17 @@ def tlift(
     out = np.empty((n_q, n_g), dtype=work.dtype)
     if n_q == 0 or n_g == 0:
         return out.astype(out_dtype, copy=False)
-    # gallery cameras 0..C-1; columns grouped by camera (gorder) and each column's index within its camera
+    # gallery cameras 0..C-1; columns grouped by camera and sorted by time within it (gorder)
     _, gcode = np.unique(g_cams, return_inverse=True)
     gcode = gcode.reshape(-1).astype(np.int64)
     gsize = np.bincount(gcode).astype(np.int64)
     n_c = len(gsize)
     goff = np.concatenate([[0], np.cumsum(gsize)]).astype(np.int64)
     gorder = np.lexsort((g_times, gcode)).astype(np.int64)  # by camera, then time
+    gstab = np.argsort(gcode, kind="stable").astype(np.int64)  # by camera, else in the given order
+    tpos = np.empty(n_g, np.int64)
+    tpos[gorder] = np.arange(n_g) - goff[gcode[gorder]]
+    tloc = tpos[gstab]  # position in its camera's time order, in gstab order
     tg = g_times[gorder]
     kk = np.minimum(k, gsize).astype(np.int64)
     # probes sorted by (camera, time); co-occurrence windows in that order
@@ -365,9 +380,8 @@ def tlift(
     porder = np.lexsort((q_times, pcode)).astype(np.int64)
     with _LOCK:
         topv, topi = np.full((n_q, n_c, k), -np.inf), np.full((n_q, n_c, k), -1, np.int64)
-        n_nan = _row_topk(work, gorder, goff, kk, topv, topi, _n_spans(n_q))
-        if n_nan:
-            raise QAConvError(f"tlift: score has {n_nan} NaN entries; expected finite similarities")
+        if _row_topk(work, gstab, tloc, goff, kk, topv, topi, _n_spans(n_q)):
+            raise QAConvError("tlift: score has NaN entries; expected finite similarities")
         lo, hi = _windows(q_times[porder], pcode[porder].astype(np.int64), float(tau))
         thr = np.zeros((n_q, n_c))
         tot = np.zeros((n_q, n_c))
@@ -385,7 +399,7 @@ def tlift(
             acc += m
         bounds.append(n_q)
         width = max(1, _KERNEL_ELEMS // int(gsize.max()))  # columns per kernel chunk
-        kern = np.empty(int(gsize.max()) * min(width, n_g))
+        kern = np.empty(0)
         # kernel values below alpha * 2^-60 change no output by more than 2^-60 relative: left out
         cut = 60 * np.log(2.0) - np.log(alpha) if alpha > 0 else np.inf
         blo, bhi = np.empty(n_g, np.int64), np.empty(n_g, np.int64)
@@ -406,6 +420,8 @@ def tlift(
                 _bands(tg, goff, tcol, coff, sigma2, cut, blo, bhi)
                 boff = np.concatenate([[0], np.cumsum(bhi - blo)]).astype(np.int64)
                 size = int(boff[-1])
+                if size > len(kern):
+                    kern = np.empty(size)
                 _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern)
                 np.exp(kern[:size], out=kern[:size])
                 _apply(work, out, g0, porder, p0, p1, ptr, pcol, pcnt, tot, kern, goff, blo, bhi, boff, coff, inv,
