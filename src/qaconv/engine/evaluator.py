@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,8 +365,11 @@ def _score_pairs(matcher, q, g, probe: np.ndarray, gal: np.ndarray, dev, memory:
     """Exact logits (float32) of the pairs (probe[i], gal[i]) of stack indices.
 
     Pairs are grouped by probe and by the gallery image's split; blocks of ``PAIR_BLOCK`` probes with similar
-    list lengths go through the two-stage re-scoring kernel, padded to the longest list. The blocks are
-    shared out over the ranks by work and the scores gathered (every rank gets all of them)."""
+    list lengths go through the two-stage re-scoring kernel, padded to the longest list. On the CPU the blocks
+    run side by side in a pool of ``torch.get_num_threads()`` threads, each block single-threaded (on a busy
+    2-core machine measured 4.7-5.3 k pairs/s against 0.4-1.3 k with two OpenMP threads per block; the same
+    numbers either way). The blocks are shared out over the ranks by work and the scores gathered (every rank
+    gets all of them)."""
     from ..gallery.search import _rescore
 
     nq = len(q)
@@ -385,11 +389,25 @@ def _score_pairs(matcher, q, g, probe: np.ndarray, gal: np.ndarray, dev, memory:
     work = np.array([v.size for *_, v in blocks], dtype=np.int64)
     owner = np.minimum((np.cumsum(work) - work) * world_size() // max(int(work.sum()), 1), world_size() - 1)
     mine = [blk for blk, o in zip(blocks, owner, strict=True) if o == rank()]
-    parts = []
-    for in_g, ids, pos, valid in tqdm(mine, desc="re-scoring shortlists", disable=not progress, leave=False):
+
+    def block_scores(block) -> torch.Tensor:
+        in_g, ids, pos, valid = block
         side, offset = (g, nq) if in_g else (q, 0)
-        cand = torch.from_numpy(gal[pos] - offset)
-        parts.append(_rescore(matcher, _take(q, g, ids), side, cand, dev, memory)[torch.from_numpy(valid)])
+        with torch.inference_mode():
+            cand = torch.from_numpy(gal[pos] - offset)
+            return _rescore(matcher, _take(q, g, ids), side, cand, dev, memory)[torch.from_numpy(valid)]
+
+    threads = torch.get_num_threads()
+    bar = dict(total=len(mine), desc="re-scoring shortlists", disable=not progress, leave=False)
+    if dev.type != "cpu" or threads == 1:
+        parts = [block_scores(b) for b in tqdm(mine, **bar)]
+    else:  # one block per thread, each single-threaded: small kernels stall when OpenMP threads wait on busy cores
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                parts = list(tqdm(pool.map(block_scores, mine), **bar))
+        finally:
+            torch.set_num_threads(threads)
     flat = _gather_cat(parts, torch.empty(0)).numpy()
     out = np.empty(len(probe), dtype=np.float32)
     out[np.concatenate([pos[valid] for _, _, pos, valid in blocks])] = flat
