@@ -4,6 +4,15 @@ Usage: ``python benchmarks/eval_scale.py --fraction 0.05`` (``--probes``, ``--ga
 ``--height``, ``--width``, ``--ids``, ``--noise``, ``--parts``, ``--palette``, ``--detail``, ``--candidates``,
 ``--exhaustive-probes``, ``--train-*``).
 
+The whole official protocol (QAConv, +RR, +RR+TLift) on shortlists, one command per size::
+
+    python benchmarks/eval_scale.py --size tenth  --m 100,200,400,800   # with the exhaustive protocol beside it
+    python benchmarks/eval_scale.py --size market --m 100,200,400,800
+    python benchmarks/eval_scale.py --size msmt   --m 100,200,400,800
+
+(``--exhaustive`` / ``--no-exhaustive`` overrides the default, which runs the exhaustive protocol only at the
+tenth). See "protocol on shortlists" below.
+
 Synthetic features with identity structure: every identity has a base map ``[C, H, W]`` made of ``--parts``
 horizontal bands (body parts), each filled with one of ``--palette`` part vectors shared by all identities
 (people dress alike: global pooling confuses identities with the same combination), plus ``--detail`` times
@@ -29,6 +38,17 @@ Figures:
   clipping, SGD) of a random-init backbone on random images, batch ``--train-batch`` of K=2 per identity
   (``--train-arch``/``--train-ibn``/``--train-size``; data loading and augmentation excluded, they overlap with
   the step in worker processes); the first step is a warm-up and not timed. ``--train-steps 0`` skips it.
+* protocol on shortlists (``--size tenth|market|msmt``: 337 x 1,591, Market-1501's 3,368 x 15,913 and MSMT17's
+  11,659 x 82,161 images, 75 / 750 / 3,060 identities): for each M of ``--m``, the path of ``qaconv evaluate
+  --two-stage M --rerank --tlift`` step by step (:mod:`qaconv.engine.evaluator`): pooled-cosine shortlists
+  (first stage), exact QAConv of every distinct shortlisted pair, k-reciprocal re-ranking from the shortlists,
+  TLift of 1 - the re-ranked distance, and the metrics of the three rows; time of each stage, peak RSS and mAP.
+  Time stamps: each identity passes at a random time (uniform over ``ids x --id-interval`` s), each image
+  within ``--time-spread`` s of it. The exhaustive protocol (all [Q+G]^2 QAConv logits, dense re-ranking, TLift)
+  runs on the same data when asked (default: at the tenth only) and each row's mAP is divided by its
+  exhaustive counterpart. For memory, the benchmark frees the feature maps once they are re-scored and
+  evaluates the QAConv row before TLift; ``qaconv evaluate`` keeps the maps (4 (Q+G) C H W bytes: 9.2 GB at
+  MSMT17 size with C = 128, 24x8) and every row's [Q, G] matrix for its report and score files.
 * peak memory: the process's peak resident set (``VmHWM`` in ``/proc/self/status``), reset before each
   method via ``/proc/self/clear_refs`` where the kernel allows it (then it is the peak during that method,
   inputs included, since they are resident).
@@ -38,15 +58,31 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
 
+from qaconv.data.records import Record
+from qaconv.engine.evaluator import (
+    POST_DEFAULTS,
+    RR,
+    RR_TLIFT,
+    postprocess,
+    score_shortlists,
+    shortlist_candidates,
+    shortlist_rerank,
+    two_stage_matrix,
+)
 from qaconv.gallery.search import pooled_candidates, two_stage_scores
 from qaconv.matching import Matcher
 from qaconv.metrics import evaluate_rank
 from qaconv.models.qaconv import QAConv
+from qaconv.tlift import tlift
+
+SIZES = {"tenth": (337, 1591, 75), "market": (3368, 15913, 750), "msmt": (11659, 82161, 3060)}  # probes, gallery, ids
 
 
 def _peak_mib() -> str:
@@ -123,6 +159,139 @@ def train_throughput(arch: str, ibn: str | None, height: int, width: int, batch:
     return batch * steps / sum(times[1:])
 
 
+# -- the whole protocol on shortlists --------------------------------------------------------------------------
+def protocol_world(size: str, args) -> dict:
+    """Feature maps, identities, cameras and time stamps of one ``--size`` (structured as above)."""
+    num_p, num_g, num_ids = SIZES[size]
+    gen = torch.Generator().manual_seed(args.seed)
+    bases = make_bases(num_ids, args.channels, args.height, args.width, args.parts, args.palette, args.detail, gen)
+    q, q_pids, q_cams = make_set(num_p, bases, args.noise, args.shift, gen)
+    g, g_pids, g_cams = make_set(num_g, bases, args.noise, args.shift, gen)
+    rng = np.random.default_rng(args.seed + 1)
+    passing = rng.uniform(0, num_ids * args.id_interval, num_ids)  # when each identity walks by
+
+    def times(pids):
+        return passing[pids] + rng.uniform(-args.time_spread, args.time_spread, len(pids))
+
+    return {"q": q, "g": g, "ids": (q_pids, g_pids, q_cams, g_cams), "times": (times(q_pids), times(g_pids))}
+
+
+def _lift(score: np.ndarray, world: dict) -> np.ndarray:
+    q_pids, g_pids, q_cams, g_cams = world["ids"]
+    kw = {k: POST_DEFAULTS[v] for k, v in (("tau", "tau"), ("sigma", "sigma"), ("k", "tlift_k"), ("alpha", "alpha"))}
+    return tlift(score, q_cams, world["times"][0], g_cams, world["times"][1], **kw)
+
+
+def _fake_data(world: dict):
+    """What :func:`postprocess` reads of a test set: records with camera and time, has_time."""
+    (q_pids, g_pids, q_cams, g_cams), (q_t, g_t) = world["ids"], world["times"]
+    recs = [[Record("", int(p), int(c), float(t)) for p, c, t in zip(*a, strict=True)]
+            for a in ((q_pids, q_cams, q_t), (g_pids, g_cams, g_t))]  # fmt: skip
+    return SimpleNamespace(name="synthetic", query=recs[0], gallery=recs[1], has_time=True)
+
+
+def run_exhaustive(world: dict, head, opts: dict) -> dict:
+    """The exhaustive protocol: every [Q+G]^2 logit (symmetric self-matching), then :func:`postprocess`."""
+    reset_peak()
+    t0 = time.perf_counter()
+    stack = torch.cat([world["q"], world["g"]])
+    full = Matcher(head, "cpu").self_scores(stack).numpy()
+    del stack
+    t_qaconv = time.perf_counter() - t0
+    nq = len(world["q"])
+
+    def score_fn(rows, cols):
+        idx = np.arange(len(full))
+        return full[idx[rows]][:, idx[cols]]
+
+    rows = postprocess(full[:nq, nq:], _fake_data(world), {**opts, "tlift": True}, score_fn, progress=False)
+    t_post = time.perf_counter() - t0 - t_qaconv
+    maps = {label: evaluate_rank(d, *world["ids"]).mAP for label, d in rows.items()}
+    return {"qaconv_s": t_qaconv, "post_s": t_post, "total_s": time.perf_counter() - t0, "peak": _peak_mib(),
+            "mAP": maps}
+
+
+def run_shortlist(world: dict, head, m: int, opts: dict) -> dict:
+    """``--two-stage m --rerank --tlift`` step by step; frees the maps in ``world`` once they are re-scored."""
+    reset_peak()
+    stages = {}
+    t0 = time.perf_counter()
+    q, g = world.pop("q"), world.pop("g")
+    sl = shortlist_candidates(q, g, m, lists=max(opts["k1"] + 1, opts["k2"]), device="cpu")
+    stages["first stage"] = time.perf_counter() - t0
+    score_shortlists(head, q, g, sl, device="cpu")
+    stages["re-scoring"] = time.perf_counter() - t0 - sum(stages.values())
+    del q, g
+    s_qg = two_stage_matrix(sl, device="cpu")
+    d_rr = shortlist_rerank(sl, s_qg, opts)
+    stages["re-ranking"] = time.perf_counter() - t0 - sum(stages.values())
+    maps = {}
+    np.negative(s_qg, out=s_qg)  # the QAConv row's distance, in place
+    maps[""] = evaluate_rank(s_qg, *world["ids"]).mAP
+    del s_qg
+    maps[RR] = evaluate_rank(d_rr, *world["ids"]).mAP
+    stages["metrics"] = time.perf_counter() - t0 - sum(stages.values())
+    sim = 1.0 - d_rr
+    del d_rr
+    lifted = _lift(sim, world)
+    del sim
+    np.subtract(1.0, lifted, out=lifted)
+    stages["TLift"] = time.perf_counter() - t0 - sum(stages.values())
+    maps[RR_TLIFT] = evaluate_rank(lifted, *world["ids"]).mAP
+    stages["metrics"] += time.perf_counter() - t0 - sum(stages.values())
+    return {"stages": stages, "total_s": time.perf_counter() - t0, "peak": _peak_mib(), "pairs": sl.pairs,
+            "m": sl.m, "mAP": maps}
+
+
+def protocol_main(args) -> None:
+    opts = {**POST_DEFAULTS, "tlift": True}
+    num_p, num_g, _ = SIZES[args.size]
+    n = num_p + num_g
+    torch.manual_seed(args.seed)
+    head = QAConv(args.channels, args.height, args.width).eval()
+    exhaustive = args.size == "tenth" if args.exhaustive is None else args.exhaustive
+    print(f"threads={torch.get_num_threads()}  size={args.size}  probes={num_p}  gallery={num_g}  "
+          f"ids={SIZES[args.size][2]}  C={args.channels}  HxW={args.height}x{args.width}  noise={args.noise}  "
+          f"k1/k2/lambda={opts['k1']}/{opts['k2']}/{opts['lambda_value']}  rerank_input={opts['rerank_input']}")
+    _lift(np.full((2, 2), 0.5, dtype=np.float32), {"ids": (None, None, np.zeros(2), np.zeros(2)),
+                                                   "times": (np.zeros(2), np.zeros(2))})  # compile TLift first
+    t0 = time.perf_counter()
+    world = protocol_world(args.size, args)
+    gib = 4 * n * args.channels * args.height * args.width / 2**30
+    print(f"synthetic data: {time.perf_counter() - t0:.0f} s, maps {gib:.2f} GiB (data time is not counted below)")
+    ex = None
+    if exhaustive:
+        ex = run_exhaustive(world, head, opts)
+        print(f"\nexhaustive protocol: {ex['total_s']:.1f} s ({ex['qaconv_s']:.1f} s QAConv over all {n}^2 pairs, "
+              f"{ex['post_s']:.1f} s re-ranking + TLift), peak RSS {ex['peak']}; mAP QAConv {ex['mAP']['']:.4f}  "
+              f"+RR {ex['mAP'][RR]:.4f}  +RR+TLift {ex['mAP'][RR_TLIFT]:.4f}")
+    labels = ("", RR, RR_TLIFT)
+    names = {"": "QAConv", RR: "+RR", RR_TLIFT: "+RR+TLift"}
+    head_line = f"{'M':>5} {'pairs':>11} {'total s':>8} {'peak RSS':>10}" + "".join(
+        f" {'mAP ' + names[k]:>15}" for k in labels)
+    if ex:
+        head_line += "".join(f" {'ratio ' + names[k]:>16}" for k in labels)
+    print("\n" + head_line)
+    results = []
+    for m in args.m:
+        if "q" not in world:
+            world = protocol_world(args.size, args)
+        r = run_shortlist(world, head, m, opts)
+        results.append(r)
+        line = f"{r['m']:>5} {r['pairs']:>11,} {r['total_s']:>8.1f} {r['peak']:>10}" + "".join(
+            f" {r['mAP'][k]:>15.4f}" for k in labels)
+        if ex:
+            line += "".join(f" {r['mAP'][k] / ex['mAP'][k]:>16.4f}" for k in labels)
+        print(line, flush=True)
+    print("\nstage times (s):")
+    stages = list(results[0]["stages"]) if results else []
+    print(f"{'M':>5} " + " ".join(f"{s:>12}" for s in stages))
+    for r in results:
+        print(f"{r['m']:>5} " + " ".join(f"{r['stages'][s]:>12.1f}" for s in stages))
+    print(f"\npairs: distinct QAConv pairs re-scored (of {n}^2 = {n * n:,}); ratio: mAP / the exhaustive protocol's "
+          "mAP of the same row on the same data; total: first stage to the last metric, data generation excluded.")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--probes", type=int, default=3368)
@@ -146,7 +315,17 @@ def main(argv=None) -> None:
     ap.add_argument("--train-ibn", default="b", help="a, b or none")
     ap.add_argument("--train-size", type=int, nargs=2, default=[384, 128], metavar=("H", "W"))
     ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--size", choices=sorted(SIZES), help="run the whole protocol on shortlists at this size")
+    ap.add_argument("--m", type=lambda v: [int(x) for x in v.split(",")], default=[100, 200, 400, 800],
+                    help="with --size: comma-separated shortlist sizes M")
+    ap.add_argument("--exhaustive", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --size: also run the exhaustive protocol (default: at the tenth only)")
+    ap.add_argument("--id-interval", type=float, default=20.0, help="with --size: timeline seconds per identity")
+    ap.add_argument("--time-spread", type=float, default=60.0, help="with --size: |image - identity time| max")
     args = ap.parse_args(argv)
+    if args.size:
+        protocol_main(args)
+        return
     if not 0 < args.fraction <= 1:
         ap.error("--fraction must be in (0, 1]")
 
