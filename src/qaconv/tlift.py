@@ -18,6 +18,7 @@ one probe group (``_PIVOT_ELEMS``), whatever the size of ``score``.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
@@ -32,7 +33,11 @@ __all__ = ["tlift"]
 _KERNEL_ELEMS = 1 << 22
 # Pivot entries (column, count) held at once; probes are processed in groups under this bound.
 _PIVOT_ELEMS = 1 << 24
-# The workqueue threading layer (numba's fallback) must not be entered from two threads at once.
+# numba's own thread pool (workers sleep between parallel regions) unless the user chose a layer: OpenMP's
+# spinning workers made a 600 x 3,000 call 3-6x slower whenever other processes shared the cores; it is also
+# fork-safe. It must not be entered from two threads at once, hence the lock.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 _LOCK = threading.Lock()
 
 
