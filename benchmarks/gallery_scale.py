@@ -216,14 +216,15 @@ def query(args) -> None:
             take.append(t1 - t0)
         mm_text = f", numpy memmap gather {_pct(mmap, 50):.1f} ms" if mm is not None else ""
         print(f"M = {m}: LanceDB flat vector search as first stage median {_pct(lance, 50):.1f} ms; reading {m} "
-              f"random maps: LanceDB take {_pct(take, 50):.1f} ms{mm_text} (warm page cache)")
+              f"random maps: LanceDB take {_pct(take, 50):.1f} ms{mm_text} (warm page cache); peak so far "
+              f"{_mib('VmHWM')}")
     # recall of the exhaustive top-10
     r = min(args.recall_queries, args.queries)
     t0 = time.perf_counter()
     exact = g.search(q_maps[:r], top=10, exhaustive=True)
     ex_s = time.perf_counter() - t0
     print(f"exhaustive QAConv top-10 of {r} queries over {rows.n:,} entries: {ex_s:.1f} s "
-          f"({r * rows.n / ex_s:,.0f} pairs/s, every map read)")
+          f"({r * rows.n / ex_s:,.0f} pairs/s, every map read); peak of the process now {_mib('VmHWM')}")
     for m, batch in per_m.items():
         hit = sum(len({h['row'] for h in a} & {h['row'] for h in b}) for a, b in zip(batch[:r], exact, strict=True))
         print(f"M = {m}: recall of the exhaustive top-10 = {hit / (10 * r):.3f}")

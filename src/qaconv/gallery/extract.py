@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from ..data.images import read_rgb
 from ..data.market import IMAGE_SUFFIXES
 from ..errors import QAConvError
-from ..models.pooled import PooledCosine
 
 
 def list_images(folder: str | Path) -> list[str]:
@@ -53,9 +52,13 @@ def half_maps(maps: torch.Tensor, names,
               ) -> tuple[np.ndarray, np.ndarray]:
     """``(float16 maps, float32 unit pooled vectors of those fp16 maps)`` as numpy; non-finite rows refused
     (NaN/inf, or float16 overflow), naming them (``what`` starts the message)."""
-    half = maps.detach().cpu().half()
-    check_finite_rows(half.flatten(1).isfinite().all(1).numpy(), list(names), what, "check the checkpoint")
-    return half.numpy(), PooledCosine.embed(half.float()).numpy()
+    half = maps.detach().cpu().half().numpy()
+    back = half.astype(np.float32)  # numpy: several times faster than torch's fp16 / small-axis ops on CPU
+    check_finite_rows(np.isfinite(back.reshape(len(back), -1)).all(axis=1), list(names), what,
+                      "check the checkpoint")
+    pooled = back.reshape(back.shape[0], back.shape[1], -1).mean(axis=2)
+    pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)  # as F.normalize
+    return half, pooled
 
 
 def _try_read(path: Path):

@@ -460,14 +460,16 @@ class Store:
         allowed), read from the table version of ``rows``. Non-finite maps are refused naming their paths."""
         positions = np.asarray(positions, dtype=np.int64)
         c, h, w = self.model["feature_shape"]
-        if len(positions) <= TAKE_BLOCK and (len(positions) < 2 or (np.diff(positions) > 0).all()):
-            return self._take_block(rows, positions)  # distinct and sorted (the usual case): one read, one copy
-        uniq, inverse = np.unique(positions, return_inverse=True)
-        got = np.empty((len(uniq), c, h, w), dtype=np.float16)
-        for b0 in range(0, len(uniq), TAKE_BLOCK):
-            block = uniq[b0 : b0 + TAKE_BLOCK]
-            got[b0 : b0 + len(block)] = self._take_block(rows, block)
-        return got[inverse.reshape(-1)]
+        distinct = len(positions) < 2 or bool((np.diff(positions) > 0).all())  # sorted and distinct: the usual case
+        uniq, inverse = (positions, None) if distinct else np.unique(positions, return_inverse=True)
+        if len(uniq) <= TAKE_BLOCK:
+            got = self._take_block(rows, uniq)
+        else:
+            got = np.empty((len(uniq), c, h, w), dtype=np.float16)
+            for b0 in range(0, len(uniq), TAKE_BLOCK):
+                block = uniq[b0 : b0 + TAKE_BLOCK]
+                got[b0 : b0 + len(block)] = self._take_block(rows, block)
+        return got if inverse is None else got[inverse.reshape(-1)]
 
     def _take_block(self, rows: Rows, positions: np.ndarray) -> np.ndarray:
         c, h, w = self.model["feature_shape"]
