@@ -62,7 +62,7 @@ def measure(fn):
 
 
 def _tlift_case(rng, q, g, cams=6, span=6000.0, dtype=np.float64):
-    score = (rng.random((q, g), dtype=np.float32 if dtype == np.float32 else np.float64) ** 4).astype(dtype)
+    score = (rng.random((q, g), dtype=np.float32 if dtype == np.float32 else np.float64) ** 4).astype(dtype, copy=False)
     q_cams, g_cams = rng.integers(0, cams, q), rng.integers(0, cams, g)  # mostly small, like sigmoid/re-ranked
     q_times, g_times = np.round(rng.random(q) * span, 2), np.round(rng.random(g) * span, 2)
     return score, q_cams, q_times, g_cams, g_times

@@ -58,10 +58,15 @@ def _row_topk(score, gstab, tloc, goff, kk, topv, topi, n_s):  # pragma: no cove
     n_c = len(kk)
     k = topv.shape[2]
     n_nan = np.zeros(n_s, np.int64)
+    gmax = 1
+    for c in range(n_c):
+        gmax = max(gmax, goff[c + 1] - goff[c])
     for s in prange(n_s):
         row = np.empty(n_g)
         bmax = np.empty(2 * k)
         bsel = np.empty(2 * k)
+        cv = np.empty(gmax)
+        ci = np.empty(gmax, np.int64)
         for r in range(s * n_q // n_s, (s + 1) * n_q // n_s):
             src = score[r]
             bad = 0
@@ -99,27 +104,33 @@ def _row_topk(score, gstab, tloc, goff, kk, topv, topi, n_s):  # pragma: no cove
                                 best = b
                         bsel[a], bsel[best] = bsel[best], bsel[a]
                     bar = bsel[m - 1]
-                tv = topv[r, c]
-                ti = topi[r, c]
-                got = 0
+                nv = 0  # candidates: the scores >= bar, in the blocks whose maximum reaches it
                 for b in range(nb):
                     if nb > 1 and not bmax[b] >= bar:
                         continue
                     t0 = b * size
                     blk = seg[t0 : n if b == nb - 1 else t0 + size]
                     for t in range(len(blk)):  # range(len()) indices: no wrap-around checks
-                        v = blk[t]
-                        if v < bar or (got == m and v <= tv[m - 1]):
-                            continue
-                        q = got if got < m else m - 1
-                        while q > 0 and tv[q - 1] < v:  # after equal values: the first seen stays first
-                            tv[q] = tv[q - 1]
-                            ti[q] = ti[q - 1]
-                            q -= 1
-                        tv[q] = v
-                        ti[q] = tloc[g0 + t0 + t]
-                        if got < m:
-                            got += 1
+                        if blk[t] >= bar:
+                            cv[nv] = blk[t]
+                            ci[nv] = t0 + t
+                            nv += 1
+                tv = topv[r, c]
+                ti = topi[r, c]
+                got = 0
+                for e in range(nv):  # the m largest, descending (equal values: the first seen first)
+                    v = cv[e]
+                    if got == m and v <= tv[m - 1]:
+                        continue
+                    q = got if got < m else m - 1
+                    while q > 0 and tv[q - 1] < v:
+                        tv[q] = tv[q - 1]
+                        ti[q] = ti[q - 1]
+                        q -= 1
+                    tv[q] = v
+                    ti[q] = tloc[g0 + ci[e]]
+                    if got < m:
+                        got += 1
             n_nan[s] += bad
     return n_nan.sum()
 
