@@ -7,13 +7,16 @@ Score convention: ``score`` must be a similarity, larger = more alike, roughly i
 around 0.01-0.1 for the default ``alpha`` to be sensible: ``sigmoid(logit / 10)`` of QAConv, or a
 re-ranked ``1 - dist``. Raw QAConv logits (unbounded, possibly negative) should not be fed directly.
 
-The result equals the official per-probe loop (to rounding). It is computed in four compiled passes:
-each row's k largest scores per gallery camera (one pass over ``score``); per probe and gallery camera
-the threshold (the k-th largest of its co-occurring group, merged from those lists) and the pivot
-counts; the Gaussian kernel of each gallery camera, computed once per camera in column chunks; and
+The result equals the official per-probe loop (to rounding). Compiled (numba) steps: each row's k
+largest scores per gallery camera; per probe and gallery camera the threshold (the k-th largest of its
+co-occurring group, merged from those lists) and its pivots; the Gaussian kernel of each gallery camera,
+computed once (banded: values under alpha * 2^-60 cannot change an output and are left out); and
 ``w = counts @ kernel / #pivots`` fused with ``(w + alpha) * score``, written straight into the output.
-Extra memory is O(Q x cameras x k) plus one kernel chunk (``_KERNEL_ELEMS``) plus the pivot lists of
-one probe group (``_PIVOT_ELEMS``), whatever the size of ``score``.
+When the kernels of all cameras fit one chunk (``_KERNEL_ELEMS``), all steps run in one parallel pass
+over spans of probes sorted by (camera, time), each span ranking the rows of its windows itself, so that
+``score`` is read while still in cache. Otherwise they run in turn over column chunks and probe groups.
+Extra memory is O(Q x cameras x k) plus one kernel chunk plus the pivot lists of one probe group
+(``_PIVOT_ELEMS``), whatever the size of ``score``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .errors import QAConvError
 __all__ = ["tlift"]
 
 # Elements (float64) of one kernel chunk: the kernels of all gallery cameras against a chunk of columns.
-_KERNEL_ELEMS = 1 << 22
+_KERNEL_ELEMS = 1 << 24
 # Pivot entries (column, count) held at once; probes are processed in groups under this bound.
 _PIVOT_ELEMS = 1 << 24
 # numba's own thread pool (workers sleep between parallel regions) unless the user chose a layer: OpenMP's
@@ -41,98 +44,274 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 _LOCK = threading.Lock()
 
 
-def _n_spans(n: int) -> int:
-    """Contiguous spans of work for ``n`` probes: a few per thread, for balance."""
-    return max(1, min(n, 4 * numba.get_num_threads()))
+@njit(cache=True)
+def _topk_row(src, gstab, tloc, goff, kk, tv, ti, row, bmax, bsel, cv, ci):  # pragma: no cover - compiled
+    """One score row: per gallery camera c, its kk[c] largest scores (descending, float64) into tv[c] and
+    their positions in camera c's time order (``tloc``) into ti[c]; returns the number of NaN scores.
+
+    The row is gathered into camera order (``gstab``: by camera, else as given) in 2 kk blocks per camera;
+    the kk-th largest block maximum is a lower bound of the kk-th largest score, so only the scores at or
+    above it, in the blocks whose maximum reaches it, are ranked."""
+    n_c = len(kk)
+    bad = 0
+    for l in range(len(gstab)):
+        v = np.float64(src[gstab[l]])
+        row[l] = v
+        bad += v != v
+    for c in range(n_c):
+        m = kk[c]
+        g0 = goff[c]
+        n = goff[c + 1] - g0
+        seg = row[g0 : g0 + n]
+        nb = 2 * m if n > 4 * m else 1  # blocks of n // nb, the last one takes the remainder
+        size = n // nb
+        for b in range(nb):
+            blk = seg[b * size : n if b == nb - 1 else (b + 1) * size]
+            m0 = m1 = m2 = m3 = blk[0]  # four running maxima (NaN is counted above)
+            n4 = len(blk) // 4 * 4
+            for t in range(0, n4, 4):
+                m0 = max(m0, blk[t])
+                m1 = max(m1, blk[t + 1])
+                m2 = max(m2, blk[t + 2])
+                m3 = max(m3, blk[t + 3])
+            for t in range(n4, len(blk)):
+                m0 = max(m0, blk[t])
+            bmax[b] = max(max(m0, m1), max(m2, m3))
+            bsel[b] = bmax[b]
+        bar = -np.inf
+        if nb > 1:  # the m-th largest block maximum (partial selection sort)
+            for a in range(m):
+                best = a
+                for b in range(a + 1, nb):
+                    if bsel[b] > bsel[best]:
+                        best = b
+                bsel[a], bsel[best] = bsel[best], bsel[a]
+            bar = bsel[m - 1]
+        nv = 0
+        for b in range(nb):
+            if nb > 1 and not bmax[b] >= bar:
+                continue
+            t0 = b * size
+            blk = seg[t0 : n if b == nb - 1 else t0 + size]
+            for t in range(len(blk)):  # range(len()) indices: no wrap-around checks
+                if blk[t] >= bar:
+                    cv[nv] = blk[t]
+                    ci[nv] = t0 + t
+                    nv += 1
+        got = 0
+        for e in range(nv):  # the m largest candidates, descending (equal values: the first seen first)
+            v = cv[e]
+            if got == m and v <= tv[c, m - 1]:
+                continue
+            q = got if got < m else m - 1
+            while q > 0 and tv[c, q - 1] < v:
+                tv[c, q] = tv[c, q - 1]
+                ti[c, q] = ti[c, q - 1]
+                q -= 1
+            tv[c, q] = v
+            ti[c, q] = tloc[g0 + ci[e]]
+            if got < m:
+                got += 1
+    return bad
+
+
+@njit(cache=True)
+def _threshold(topv, w0, w1, c, nk, m, buf):  # pragma: no cover - compiled
+    """The m-th largest of the lists topv[w0:w1, c, :nk] (m <= the number of values they stand for)."""
+    nb = 0
+    for w in range(w0, w1):
+        for e in range(nk):
+            v = topv[w, c, e]
+            if nb == m and v <= buf[m - 1]:
+                break  # the rest of this list is smaller still
+            q = nb if nb < m else m - 1
+            while q > 0 and buf[q - 1] < v:
+                buf[q] = buf[q - 1]
+                q -= 1
+            buf[q] = v
+            if nb < m:
+                nb += 1
+    return buf[m - 1]
+
+
+@njit(cache=True)
+def _collect(score, topv, topi, rows, w0, w1, c, nk, gs, gcols, t, mark, slot, stamp, pcol, pcnt):  # pragma: no cover
+    """Pivots of one probe in camera c: every entry >= t of the window rows ``rows[w0:w1]`` (lists
+    topv/topi at the same positions), as distinct columns (position in the camera's time order) with
+    counts in pcol/pcnt; returns (#distinct, #entries). A row whose whole list reaches t may hold more
+    entries equal to t beyond it: it is scanned in full (``gcols``: camera c's columns in time order)."""
+    nu = 0
+    total = 0
+    for w in range(w0, w1):
+        rescan = nk < gs and topv[w, c, nk - 1] >= t
+        n_e = gs if rescan else nk
+        for e in range(n_e):
+            if rescan:
+                if score[rows[w], gcols[e]] < t:
+                    continue
+                col = e
+            else:
+                if topv[w, c, e] < t:
+                    break
+                col = topi[w, c, e]
+            total += 1
+            if mark[col] != stamp:
+                mark[col] = stamp
+                slot[col] = nu
+                pcol[nu] = col
+                pcnt[nu] = 1.0
+                nu += 1
+            else:
+                pcnt[slot[col]] += 1.0
+    return nu, total
+
+
+@njit(cache=True)
+def _weights(acc, pcol, pcnt, nu, total, kern, p0, blo, bhi, boff, alpha):  # pragma: no cover - compiled
+    """acc = sum_e pcnt[e] * kernel row (p0 + pcol[e]) / total + alpha, kernel rows banded at blo/bhi/boff."""
+    acc[:] = 0.0
+    for e in range(nu):
+        w = pcnt[e]
+        p = p0 + pcol[e]
+        lo = blo[p]
+        krow = kern[boff[p] : boff[p] + bhi[p] - lo]
+        part = acc[lo : lo + len(krow)]
+        for l in range(len(krow)):
+            part[l] += w * krow[l]
+    rt = 1.0 / total  # the mean of the pivots' kernel rows (within an ulp of sum / count)
+    for l in range(len(acc)):
+        acc[l] = acc[l] * rt + alpha
 
 
 @njit(parallel=True, cache=True)
-def _row_topk(score, gstab, tloc, goff, kk, topv, topi, n_s):  # pragma: no cover - compiled
-    """Per row and gallery camera c, the kk[c] largest scores (descending, float64) and their positions in
-    camera c's time order (``tloc``) into topv, topi [Q, C, k]; returns the number of NaN scores.
-
-    Each row is gathered into camera order (``gstab``: by camera, else as given) in 2 kk blocks per camera;
-    the kk-th largest block maximum is a lower bound of the kk-th largest score, so only the blocks whose
-    maximum reaches it are ranked."""
+def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, blo, bhi, boff, inv, alpha,
+           n_s):  # pragma: no cover - compiled
+    """Everything for a gallery whose kernels fit one chunk: per span of sorted probe positions, the top-k
+    lists of its windows' rows, then per probe the thresholds, pivots, weights and output row."""
     n_q, n_g = score.shape
     n_c = len(kk)
-    k = topv.shape[2]
+    gmax = 1
+    for c in range(n_c):
+        gmax = max(gmax, goff[c + 1] - goff[c])
     n_nan = np.zeros(n_s, np.int64)
+    for s in prange(n_s):
+        a, b = s * n_q // n_s, (s + 1) * n_q // n_s
+        if a == b:
+            continue
+        base, end = lo[a], hi[b - 1]  # lo and hi never decrease along the sorted positions
+        tv = np.full((end - base, n_c, k), -np.inf)
+        ti = np.full((end - base, n_c, k), -1, np.int64)
+        row, cv = np.empty(n_g), np.empty(gmax)
+        ci = np.empty(gmax, np.int64)
+        bmax, bsel, buf = np.empty(2 * k), np.empty(2 * k), np.empty(k)
+        for w in range(base, end):
+            n_nan[s] += _topk_row(score[porder[w]], gstab, tloc, goff, kk, tv[w - base], ti[w - base], row, bmax,
+                                  bsel, cv, ci)
+        if n_nan[s]:
+            continue
+        rows = porder[base:end]
+        mark = np.full(gmax, -1, np.int64)
+        slot = np.zeros(gmax, np.int64)
+        pcol = np.empty(gmax, np.int64)
+        pcnt = np.empty(gmax)
+        wbuf = np.empty(n_g)
+        stamp = 0
+        for pos in range(a, b):
+            w0, w1 = lo[pos] - base, hi[pos] - base
+            for c in range(n_c):
+                m = min(k, (w1 - w0) * (goff[c + 1] - goff[c]))
+                t = _threshold(tv, w0, w1, c, kk[c], m, buf)
+                stamp += 1
+                nu, total = _collect(score, tv, ti, rows, w0, w1, c, kk[c], goff[c + 1] - goff[c],
+                                     gorder[goff[c] : goff[c + 1]], t, mark, slot, stamp, pcol, pcnt)
+                _weights(wbuf[goff[c] : goff[c + 1]], pcol, pcnt, nu, total, kern, goff[c], blo, bhi, boff, alpha)
+            i = porder[pos]
+            srow = score[i]
+            orow = out[i]
+            for l in range(n_g):
+                orow[l] = wbuf[inv[l]] * np.float64(srow[l])
+    return n_nan.sum()
+
+
+@njit(parallel=True, cache=True)
+def _row_topk(score, porder, gstab, tloc, goff, kk, topv, topi, n_s):  # pragma: no cover - compiled
+    """Top-k lists (``_topk_row``) of all rows, at their sorted probe positions; returns the NaN count."""
+    n_q, n_g = score.shape
+    k = topv.shape[2]
+    gmax = 1
+    for c in range(len(kk)):
+        gmax = max(gmax, goff[c + 1] - goff[c])
+    n_nan = np.zeros(n_s, np.int64)
+    for s in prange(n_s):
+        row, cv = np.empty(n_g), np.empty(gmax)
+        ci = np.empty(gmax, np.int64)
+        bmax, bsel = np.empty(2 * k), np.empty(2 * k)
+        for w in range(s * n_q // n_s, (s + 1) * n_q // n_s):
+            n_nan[s] += _topk_row(score[porder[w]], gstab, tloc, goff, kk, topv[w], topi[w], row, bmax, bsel,
+                                  cv, ci)
+    return n_nan.sum()
+
+
+@njit(parallel=True, cache=True)
+def _pivots(score, topv, topi, kk, k, goff, gorder, porder, lo, hi, p0, p1, thr, nuniq, tot, ptr, pcol, pcnt,
+            fill, n_s):  # pragma: no cover - compiled
+    """Thresholds and pivots of the probes at sorted positions [p0, p1), for every gallery camera (lists
+    topv/topi at the sorted positions). ``fill=False``: sets ``thr``, ``tot`` (pivots counted with
+    multiplicity, as the official mean does) and ``nuniq`` (distinct pivot columns), all [Q, C] by sorted
+    position. ``fill=True``: writes the distinct pivot columns and counts at ``ptr[(pos - p0) * C + c]``."""
+    n_c = len(kk)
+    n = p1 - p0
     gmax = 1
     for c in range(n_c):
         gmax = max(gmax, goff[c + 1] - goff[c])
     for s in prange(n_s):
-        row = np.empty(n_g)
-        bmax = np.empty(2 * k)
-        bsel = np.empty(2 * k)
-        cv = np.empty(gmax)
-        ci = np.empty(gmax, np.int64)
-        for r in range(s * n_q // n_s, (s + 1) * n_q // n_s):
-            src = score[r]
-            bad = 0
-            for l in range(n_g):
-                v = np.float64(src[gstab[l]])
-                row[l] = v
-                bad += v != v
+        mark = np.full(gmax, -1, np.int64)
+        slot = np.zeros(gmax, np.int64)
+        scol, scnt = np.empty(gmax, np.int64), np.empty(gmax)
+        buf = np.empty(k)
+        stamp = 0
+        for pos in range(p0 + s * n // n_s, p0 + (s + 1) * n // n_s):
+            w0, w1 = lo[pos], hi[pos]
             for c in range(n_c):
-                m = kk[c]
-                g0 = goff[c]
-                n = goff[c + 1] - g0
-                seg = row[g0 : g0 + n]
-                nb = 2 * m if n > 4 * m else 1  # blocks of n // nb, the last one takes the remainder
-                size = n // nb
-                for b in range(nb):
-                    blk = seg[b * size : n if b == nb - 1 else (b + 1) * size]
-                    m0 = m1 = m2 = m3 = blk[0]  # four running maxima (NaN is caught above)
-                    n4 = len(blk) // 4 * 4
-                    for t in range(0, n4, 4):
-                        m0 = max(m0, blk[t])
-                        m1 = max(m1, blk[t + 1])
-                        m2 = max(m2, blk[t + 2])
-                        m3 = max(m3, blk[t + 3])
-                    for t in range(n4, len(blk)):
-                        m0 = max(m0, blk[t])
-                    mx = max(max(m0, m1), max(m2, m3))
-                    bmax[b] = mx
-                    bsel[b] = mx
-                bar = -np.inf
-                if nb > 1:  # the m-th largest block maximum (partial selection sort)
-                    for a in range(m):
-                        best = a
-                        for b in range(a + 1, nb):
-                            if bsel[b] > bsel[best]:
-                                best = b
-                        bsel[a], bsel[best] = bsel[best], bsel[a]
-                    bar = bsel[m - 1]
-                nv = 0  # candidates: the scores >= bar, in the blocks whose maximum reaches it
-                for b in range(nb):
-                    if nb > 1 and not bmax[b] >= bar:
-                        continue
-                    t0 = b * size
-                    blk = seg[t0 : n if b == nb - 1 else t0 + size]
-                    for t in range(len(blk)):  # range(len()) indices: no wrap-around checks
-                        if blk[t] >= bar:
-                            cv[nv] = blk[t]
-                            ci[nv] = t0 + t
-                            nv += 1
-                tv = topv[r, c]
-                ti = topi[r, c]
-                got = 0
-                for e in range(nv):  # the m largest, descending (equal values: the first seen first)
-                    v = cv[e]
-                    if got == m and v <= tv[m - 1]:
-                        continue
-                    q = got if got < m else m - 1
-                    while q > 0 and tv[q - 1] < v:
-                        tv[q] = tv[q - 1]
-                        ti[q] = ti[q - 1]
-                        q -= 1
-                    tv[q] = v
-                    ti[q] = tloc[g0 + ci[e]]
-                    if got < m:
-                        got += 1
-            n_nan[s] += bad
-    return n_nan.sum()
+                gs = goff[c + 1] - goff[c]
+                if fill:
+                    t = thr[pos, c]
+                    q = ptr[(pos - p0) * n_c + c]
+                    dcol, dcnt = pcol[q:], pcnt[q:]
+                else:
+                    t = _threshold(topv, w0, w1, c, kk[c], min(k, (w1 - w0) * gs), buf)
+                    thr[pos, c] = t
+                    dcol, dcnt = scol, scnt
+                stamp += 1
+                nu, total = _collect(score, topv, topi, porder, w0, w1, c, kk[c], gs, gorder[goff[c] : goff[c + 1]],
+                                     t, mark, slot, stamp, dcol, dcnt)
+                if not fill:
+                    nuniq[pos, c] = nu
+                    tot[pos, c] = total
+
+
+@njit(parallel=True, cache=True)
+def _apply(score, out, g0, porder, p0, p1, ptr, pcol, pcnt, tot, kern, goff, blo, bhi, boff, coff, inv, alpha,
+           n_s):  # pragma: no cover - compiled
+    """out[i, g] = (sum_p count_p * kernel[p, g] / #pivots + alpha) * score[i, g] for the chunk's columns
+    g0 + [0, len(inv)); the weights are formed in (camera, time) order and ``inv`` maps each column to its slot."""
+    n_c = len(coff) - 1
+    n = p1 - p0
+    width = len(inv)
+    for s in prange(n_s):
+        wbuf = np.empty(width)
+        for pos in range(p0 + s * n // n_s, p0 + (s + 1) * n // n_s):
+            for c in range(n_c):
+                if coff[c + 1] > coff[c]:
+                    q = ptr[(pos - p0) * n_c + c]
+                    nu = ptr[(pos - p0) * n_c + c + 1] - q
+                    _weights(wbuf[coff[c] : coff[c + 1]], pcol[q:], pcnt[q:], nu, tot[pos, c], kern, goff[c], blo,
+                             bhi, boff, alpha)
+            i = porder[pos]
+            srow = score[i, g0 : g0 + width]
+            orow = out[i, g0 : g0 + width]
+            for l in range(width):
+                orow[l] = wbuf[inv[l]] * np.float64(srow[l])
 
 
 @njit(cache=True)
@@ -157,83 +336,6 @@ def _windows(tp, pcode, tau):  # pragma: no cover - compiled
         lo[i] = a
         hi[i] = b
     return lo, hi
-
-
-@njit(parallel=True, cache=True)
-def _pivots(score, topv, topi, kk, gsize, goff, gorder, porder, lo, hi, k, p0, p1,
-            thr, nuniq, tot, ptr, pcol, pcnt, fill, n_s):  # pragma: no cover - compiled
-    """Thresholds and pivots of the probes at sorted positions [p0, p1), for every gallery camera.
-
-    ``fill=False``: sets ``thr``, ``tot`` (pivots counted with multiplicity, as the official mean does)
-    and ``nuniq`` (distinct pivot columns), all [Q, C] by probe index. ``fill=True``: writes the distinct
-    pivot columns (index within their camera) and counts to ``pcol``/``pcnt`` at the offsets
-    ``ptr[(pos - p0) * C + c]``. The positions are split into ``n_s`` contiguous spans, one task each."""
-    n_c = len(kk)
-    n = p1 - p0
-    gmax = max(1, gsize.max())
-    for s in prange(n_s):
-        mark = np.full(gmax, -1, np.int64)
-        slot = np.zeros(gmax, np.int64)
-        buf = np.empty(k)
-        stamp = 0
-        for pos in range(p0 + s * n // n_s, p0 + (s + 1) * n // n_s):
-            i = porder[pos]
-            a, b = lo[pos], hi[pos]
-            for c in range(n_c):
-                nk = kk[c]
-                if nk == 0:
-                    continue
-                if fill:
-                    t = thr[i, c]
-                else:  # the m-th largest of the group's scores in camera c, m = min(k, #scores)
-                    m = min(k, (b - a) * gsize[c])
-                    nb = 0
-                    for w in range(a, b):
-                        j = porder[w]
-                        for e in range(nk):
-                            v = topv[j, c, e]
-                            if nb == m and v <= buf[m - 1]:
-                                break  # the rest of row j's list is smaller still
-                            q = nb if nb < m else m - 1
-                            while q > 0 and buf[q - 1] < v:
-                                buf[q] = buf[q - 1]
-                                q -= 1
-                            buf[q] = v
-                            if nb < m:
-                                nb += 1
-                    t = buf[m - 1]
-                    thr[i, c] = t
-                stamp += 1
-                nu = 0
-                total = 0
-                base = ptr[(pos - p0) * n_c + c] if fill else 0
-                for w in range(a, b):
-                    j = porder[w]
-                    rescan = nk < gsize[c] and topv[j, c, nk - 1] >= t  # ties with t may lie outside the list
-                    n_e = gsize[c] if rescan else nk
-                    for e in range(n_e):
-                        if rescan:
-                            g = gorder[goff[c] + e]
-                            if score[j, g] < t:
-                                continue
-                            col = e
-                        else:
-                            if topv[j, c, e] < t:
-                                break
-                            col = topi[j, c, e]
-                        total += 1
-                        if mark[col] != stamp:
-                            mark[col] = stamp
-                            slot[col] = nu
-                            if fill:
-                                pcol[base + nu] = col
-                                pcnt[base + nu] = 1.0
-                            nu += 1
-                        elif fill:
-                            pcnt[base + slot[col]] += 1.0
-                if not fill:
-                    nuniq[i, c] = nu
-                    tot[i, c] = total
 
 
 @njit(cache=True)
@@ -274,39 +376,31 @@ def _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern):  # pragma:
                 row[l] = -(d * d) / sigma2
 
 
-@njit(parallel=True, cache=True)
-def _apply(score, out, g0, porder, p0, p1, ptr, pcol, pcnt, tot, kern, goff, blo, bhi, boff, coff, inv, alpha,
-           n_s):  # pragma: no cover - compiled
-    """out[i, g] = (sum_p count_p * kernel[p, g] / #pivots + alpha) * score[i, g] for the chunk's columns
-    g0 + [0, len(inv)); the weights are formed in (camera, time) order and ``inv`` maps each column to its slot."""
-    n_c = len(coff) - 1
-    n = p1 - p0
-    width = len(inv)
-    for s in prange(n_s):
-        wbuf = np.empty(width)
-        for pos in range(p0 + s * n // n_s, p0 + (s + 1) * n // n_s):
-            i = porder[pos]
-            for c in range(n_c):
-                if coff[c + 1] == coff[c]:
-                    continue
-                acc = wbuf[coff[c] : coff[c + 1]]
-                acc[:] = 0.0
-                q = (pos - p0) * n_c + c
-                for e in range(ptr[q], ptr[q + 1]):
-                    w = pcnt[e]
-                    p = goff[c] + pcol[e]
-                    lo = blo[p]
-                    krow = kern[boff[p] : boff[p] + bhi[p] - lo]
-                    part = acc[lo : lo + len(krow)]
-                    for l in range(len(krow)):
-                        part[l] += w * krow[l]
-                rt = 1.0 / tot[i, c]  # the mean of the pivots' kernel rows (within an ulp of sum / count)
-                for l in range(len(acc)):
-                    acc[l] = acc[l] * rt + alpha
-            srow = score[i, g0 : g0 + width]
-            orow = out[i, g0 : g0 + width]
-            for l in range(width):
-                orow[l] = wbuf[inv[l]] * np.float64(srow[l])
+def _n_spans(n: int) -> int:
+    """Contiguous spans of work for ``n`` probes: a few per thread, for balance."""
+    return max(1, min(n, 4 * numba.get_num_threads()))
+
+
+def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern):
+    """The banded kernel of every gallery camera against the columns [g0, g0 + width): (kern, blo, bhi, boff,
+    coff, inv), kern grown if needed; columns in (camera, time) order, ``inv`` the slot of each column."""
+    n_c = len(goff) - 1
+    sub = gcode[g0 : g0 + width]
+    order = np.lexsort((g_times[g0 : g0 + width], sub))
+    inv = np.empty(len(sub), np.int32)
+    inv[order] = np.arange(len(sub), dtype=np.int32)
+    coff = np.concatenate([[0], np.cumsum(np.bincount(sub, minlength=n_c))]).astype(np.int64)
+    tcol = g_times[g0 + order]
+    n_rows = int(goff[-1])
+    blo, bhi = np.empty(n_rows, np.int64), np.empty(n_rows, np.int64)
+    _bands(tg, goff, tcol, coff, sigma2, cut, blo, bhi)
+    boff = np.concatenate([[0], np.cumsum(bhi - blo)]).astype(np.int64)
+    size = int(boff[-1])
+    if size > len(kern):
+        kern = np.empty(size)
+    _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern)
+    np.exp(kern[:size], out=kern[:size])
+    return kern, blo, bhi, boff, coff, inv
 
 
 def _check(score, q_cams, q_times, g_cams, g_times, tau, sigma, k):
@@ -394,18 +488,29 @@ def tlift(
     _, pcode = np.unique(q_cams, return_inverse=True)
     pcode = pcode.reshape(-1)
     porder = np.lexsort((q_times, pcode)).astype(np.int64)
+    # kernel values below alpha * 2^-60 change no output by more than 2^-60 relative: left out
+    cut = 60 * np.log(2.0) - np.log(alpha) if alpha > 0 else np.inf
+    sigma2 = float(sigma) ** 2
+    width = max(1, _KERNEL_ELEMS // int(gsize.max()))  # columns per kernel chunk
+    nan = QAConvError("tlift: score has NaN entries; expected finite similarities")
     with _LOCK:
-        topv, topi = np.full((n_q, n_c, k), -np.inf), np.full((n_q, n_c, k), -1, np.int64)
-        if _row_topk(work, gstab, tloc, goff, kk, topv, topi, _n_spans(n_q)):
-            raise QAConvError("tlift: score has NaN entries; expected finite similarities")
         lo, hi = _windows(q_times[porder], pcode[porder].astype(np.int64), float(tau))
+        if width >= n_g:  # one chunk: everything in one pass
+            kern, blo, bhi, boff, _, inv = _kernel_chunk(0, n_g, gcode, g_times, tg, goff, sigma2, cut, np.empty(0))
+            if _fused(work, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, blo, bhi, boff, inv,
+                      float(alpha), _n_spans(n_q)):
+                raise nan
+            return out.astype(out_dtype, copy=False)
+        topv, topi = np.full((n_q, n_c, k), -np.inf), np.full((n_q, n_c, k), -1, np.int64)
+        if _row_topk(work, porder, gstab, tloc, goff, kk, topv, topi, _n_spans(n_q)):
+            raise nan
         thr = np.zeros((n_q, n_c))
         tot = np.zeros((n_q, n_c))
         nuniq = np.zeros((n_q, n_c), np.int64)
         none_i, none_f = np.zeros(1, np.int64), np.zeros(1)
-        _pivots(work, topv, topi, kk, gsize, goff, gorder, porder, lo, hi, k, 0, n_q,
-                thr, nuniq, tot, none_i, none_i, none_f, False, _n_spans(n_q))
-        per_probe = nuniq[porder].sum(axis=1)
+        _pivots(work, topv, topi, kk, k, goff, gorder, porder, lo, hi, 0, n_q, thr, nuniq, tot, none_i, none_i,
+                none_f, False, _n_spans(n_q))
+        per_probe = nuniq.sum(axis=1)
         bounds = [0]
         acc = 0
         for pos, m in enumerate(per_probe):  # probe groups whose pivot lists fit in _PIVOT_ELEMS
@@ -414,32 +519,15 @@ def tlift(
                 acc = 0
             acc += m
         bounds.append(n_q)
-        width = max(1, _KERNEL_ELEMS // int(gsize.max()))  # columns per kernel chunk
         kern = np.empty(0)
-        # kernel values below alpha * 2^-60 change no output by more than 2^-60 relative: left out
-        cut = 60 * np.log(2.0) - np.log(alpha) if alpha > 0 else np.inf
-        blo, bhi = np.empty(n_g, np.int64), np.empty(n_g, np.int64)
-        sigma2 = float(sigma) ** 2
         for p0, p1 in zip(bounds[:-1], bounds[1:], strict=True):
-            ptr = np.concatenate([[0], np.cumsum(nuniq[porder[p0:p1]].reshape(-1))]).astype(np.int64)
+            ptr = np.concatenate([[0], np.cumsum(nuniq[p0:p1].reshape(-1))]).astype(np.int64)
             pcol = np.empty(ptr[-1], np.int64)
             pcnt = np.empty(ptr[-1])
-            _pivots(work, topv, topi, kk, gsize, goff, gorder, porder, lo, hi, k, p0, p1,
-                    thr, nuniq, tot, ptr, pcol, pcnt, True, _n_spans(p1 - p0))
+            _pivots(work, topv, topi, kk, k, goff, gorder, porder, lo, hi, p0, p1, thr, nuniq, tot, ptr, pcol, pcnt,
+                    True, _n_spans(p1 - p0))
             for g0 in range(0, n_g, width):
-                sub = gcode[g0 : g0 + width]
-                order = np.lexsort((g_times[g0 : g0 + width], sub))
-                inv = np.empty(len(sub), np.int32)
-                inv[order] = np.arange(len(sub), dtype=np.int32)
-                coff = np.concatenate([[0], np.cumsum(np.bincount(sub, minlength=n_c))]).astype(np.int64)
-                tcol = g_times[g0 + order]
-                _bands(tg, goff, tcol, coff, sigma2, cut, blo, bhi)
-                boff = np.concatenate([[0], np.cumsum(bhi - blo)]).astype(np.int64)
-                size = int(boff[-1])
-                if size > len(kern):
-                    kern = np.empty(size)
-                _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern)
-                np.exp(kern[:size], out=kern[:size])
+                kern, blo, bhi, boff, coff, inv = _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern)
                 _apply(work, out, g0, porder, p0, p1, ptr, pcol, pcnt, tot, kern, goff, blo, bhi, boff, coff, inv,
                        float(alpha), _n_spans(p1 - p0))
     return out.astype(out_dtype, copy=False)
