@@ -215,6 +215,9 @@ def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, b
         pcol = np.empty(gmax, np.int64)
         pcnt = np.empty(gmax)
         wbuf = np.empty(n_g)
+        prev_nu = np.full(n_c, -1, np.int64)  # the pivots behind wbuf's segment of each camera
+        prev_col = np.empty((n_c, gmax), np.int64)
+        prev_cnt = np.empty((n_c, gmax))
         stamp = 0
         for pos in range(a, b):
             w0, w1 = lo[pos] - base, hi[pos] - base
@@ -224,6 +227,16 @@ def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, b
                 stamp += 1
                 nu, total = _collect(score, tv, ti, rows, w0, w1, c, kk[c], goff[c + 1] - goff[c],
                                      gorder[goff[c] : goff[c + 1]], t, mark, slot, stamp, pcol, pcnt)
+                same = nu == prev_nu[c]  # the previous probe's pivots, in the same order: same weights
+                for e in range(nu):
+                    if not same:
+                        break
+                    same = pcol[e] == prev_col[c, e] and pcnt[e] == prev_cnt[c, e]
+                if same:
+                    continue
+                prev_nu[c] = nu
+                prev_col[c, :nu] = pcol[:nu]
+                prev_cnt[c, :nu] = pcnt[:nu]
                 _weights(wbuf[goff[c] : goff[c + 1]], pcol, pcnt, nu, total, kern, goff[c], blo, bhi, boff, alpha)
             i = porder[pos]
             srow = score[i]
@@ -300,11 +313,23 @@ def _apply(score, out, g0, porder, p0, p1, ptr, pcol, pcnt, tot, kern, goff, blo
     width = len(inv)
     for s in prange(n_s):
         wbuf = np.empty(width)
+        prev_q = np.full(n_c, -1, np.int64)  # the pivot list behind wbuf's segment of each camera
         for pos in range(p0 + s * n // n_s, p0 + (s + 1) * n // n_s):
             for c in range(n_c):
                 if coff[c + 1] > coff[c]:
                     q = ptr[(pos - p0) * n_c + c]
                     nu = ptr[(pos - p0) * n_c + c + 1] - q
+                    r = prev_q[c]
+                    same = r >= 0 and ptr[(r - p0) * n_c + c + 1] - ptr[(r - p0) * n_c + c] == nu
+                    if same:  # the previous probe's pivots, in the same order: same weights
+                        q2 = ptr[(r - p0) * n_c + c]
+                        for e in range(nu):
+                            if pcol[q + e] != pcol[q2 + e] or pcnt[q + e] != pcnt[q2 + e]:
+                                same = False
+                                break
+                    if same:
+                        continue
+                    prev_q[c] = pos
                     _weights(wbuf[coff[c] : coff[c + 1]], pcol[q:], pcnt[q:], nu, tot[pos, c], kern, goff[c], blo,
                              bhi, boff, alpha)
             i = porder[pos]
