@@ -186,8 +186,8 @@ def _weights(acc, pcol, pcnt, nu, total, kern, p0, blo, bhi, boff, alpha):  # pr
 @njit(parallel=True, cache=True)
 def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, blo, bhi, boff, inv, alpha,
            n_s):  # pragma: no cover - compiled
-    """Everything for a gallery whose kernels fit one chunk: per span of sorted probe positions, the top-k
-    lists of its windows' rows, then per probe the thresholds, pivots, weights and output row."""
+    """Everything for a gallery whose kernels fit one chunk: per span of sorted probe positions, probe by
+    probe, the top-k lists of the window rows not yet ranked, the thresholds, pivots, weights, output row."""
     n_q, n_g = score.shape
     n_c = len(kk)
     gmax = 1
@@ -204,11 +204,6 @@ def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, b
         row, cv = np.empty(n_g), np.empty(gmax)
         ci = np.empty(gmax, np.int64)
         bmax, bsel, buf = np.empty(2 * k), np.empty(2 * k), np.empty(k)
-        for w in range(base, end):
-            n_nan[s] += _topk_row(score[porder[w]], gstab, tloc, goff, kk, tv[w - base], ti[w - base], row, bmax,
-                                  bsel, cv, ci)
-        if n_nan[s]:
-            continue
         rows = porder[base:end]
         mark = np.full(gmax, -1, np.int64)
         slot = np.zeros(gmax, np.int64)
@@ -219,8 +214,15 @@ def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, b
         prev_col = np.empty((n_c, gmax), np.int64)
         prev_cnt = np.empty((n_c, gmax))
         stamp = 0
+        done = 0  # rows ranked so far: just ahead of the probe, so its own row is still in cache for the output
         for pos in range(a, b):
             w0, w1 = lo[pos] - base, hi[pos] - base
+            while done < w1:
+                n_nan[s] += _topk_row(score[rows[done]], gstab, tloc, goff, kk, tv[done], ti[done], row, bmax, bsel,
+                                      cv, ci)
+                done += 1
+            if n_nan[s]:
+                break
             for c in range(n_c):
                 m = min(k, (w1 - w0) * (goff[c + 1] - goff[c]))
                 t = _threshold(tv, w0, w1, c, kk[c], m, buf)
