@@ -408,9 +408,10 @@ def _n_spans(n: int) -> int:
     return max(1, min(n, 4 * numba.get_num_threads()))
 
 
-def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern):
+def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern, limit=None):
     """The banded kernel of every gallery camera against the columns [g0, g0 + width): (kern, blo, bhi, boff,
-    coff, inv), kern grown if needed; columns in (camera, time) order, ``inv`` the slot of each column."""
+    coff, inv), kern grown if needed; columns in (camera, time) order, ``inv`` the slot of each column.
+    None if the bands hold more than ``limit`` values (then nothing is computed but the bands)."""
     n_c = len(goff) - 1
     sub = gcode[g0 : g0 + width]
     order = np.lexsort((g_times[g0 : g0 + width], sub))
@@ -423,6 +424,8 @@ def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern):
     _bands(tg, goff, tcol, coff, sigma2, cut, blo, bhi)
     boff = np.concatenate([[0], np.cumsum(bhi - blo)]).astype(np.int64)
     size = int(boff[-1])
+    if limit is not None and size > limit:
+        return None
     if size > len(kern):
         kern = np.empty(size)
     _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern)
@@ -518,16 +521,17 @@ def tlift(
     # kernel values below alpha * 2^-60 change no output by more than 2^-60 relative: left out
     cut = 60 * np.log(2.0) - np.log(alpha) if alpha > 0 else np.inf
     sigma2 = float(sigma) ** 2
-    width = max(1, _KERNEL_ELEMS // int(gsize.max()))  # columns per kernel chunk
     nan = QAConvError("tlift: score has NaN entries; expected finite similarities")
     with _LOCK:
         lo, hi = _windows(q_times[porder], pcode[porder].astype(np.int64), float(tau))
-        if width >= n_g:  # one chunk: everything in one pass
-            kern, blo, bhi, boff, _, inv = _kernel_chunk(0, n_g, gcode, g_times, tg, goff, sigma2, cut, np.empty(0))
+        one = _kernel_chunk(0, n_g, gcode, g_times, tg, goff, sigma2, cut, np.empty(0), limit=_KERNEL_ELEMS)
+        if one is not None:  # all cameras' banded kernels fit one chunk: everything in one pass
+            kern, blo, bhi, boff, _, inv = one
             if _fused(work, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, blo, bhi, boff, inv,
                       float(alpha), _n_spans(n_q)):
                 raise nan
             return out.astype(out_dtype, copy=False)
+        width = max(1, _KERNEL_ELEMS // int(gsize.max()))  # columns per kernel chunk (any band)
         topv, topi = np.full((n_q, n_c, k), -np.inf), np.full((n_q, n_c, k), -1, np.int64)
         if _row_topk(work, porder, gstab, tloc, goff, kk, topv, topi, _n_spans(n_q)):
             raise nan
