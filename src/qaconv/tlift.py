@@ -12,11 +12,12 @@ largest scores per gallery camera; per probe and gallery camera the threshold (t
 co-occurring group, merged from those lists) and its pivots; the Gaussian kernel of each gallery camera,
 computed once (banded: values under alpha * 2^-60 cannot change an output and are left out); and
 ``w = counts @ kernel / #pivots`` fused with ``(w + alpha) * score``, written straight into the output.
-When the kernels of all cameras fit one chunk (``_KERNEL_ELEMS``), all steps run in one parallel pass
-over spans of probes sorted by (camera, time), each span ranking the rows of its windows itself, so that
-``score`` is read while still in cache. Otherwise they run in turn over column chunks and probe groups.
-Extra memory is O(Q x cameras x k) plus one kernel chunk plus the pivot lists of one probe group
-(``_PIVOT_ELEMS``), whatever the size of ``score``.
+When the banded kernels of all cameras fit one chunk (``_KERNEL_ELEMS``), all steps run in one parallel
+pass over spans of probes sorted by (camera, time), each span ranking its window rows just ahead of the
+probes that need them, so that a probe's score row is still in cache for its output row. Otherwise they
+run in turn over column chunks and probe groups. Extra memory is O(Q x cameras x k) plus one kernel chunk
+plus the pivot lists of one probe group (``_PIVOT_ELEMS``), whatever the size of ``score``. The first call
+per score dtype compiles the kernels (about 15 s; cached on disk for later processes).
 """
 
 from __future__ import annotations
@@ -486,6 +487,11 @@ def tlift(
     Returns:
         [Q, G] lifted scores ``(w + alpha) * score``. The weights are computed in float64; the result has the
         input's floating dtype (float32 in, float32 out, like the official code), float64 for integer input.
+        With ``alpha > 0`` kernel values under ``alpha * 2^-60`` are left out, which moves no output by more
+        than 2^-60 relative; with ``alpha <= 0`` none are.
+
+    Raises:
+        QAConvError: a malformed argument (shape, length, NaN score, non-finite time, k < 1, tau or sigma <= 0).
 
     Differences from the official code, both only where it would fail or silently skip: camera ids are
     mapped rather than required to be 0-based contiguous, a gallery camera with no images is skipped
