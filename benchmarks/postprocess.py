@@ -14,6 +14,7 @@ Prints figures only (no timing asserts). Random data of realistic sizes:
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import tracemalloc
 
@@ -169,6 +170,8 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     if not args.skip_tlift:
+        print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other processes slow the compiled "
+              "passes more than the loop: compare figures from a quiet machine)")
         bench_tlift(rng, 600, 3000, None)
         bench_tlift(rng, 3368, 15913, None if args.market_loop_rows == "all" else int(args.market_loop_rows))
         if args.tlift_msmt:
