@@ -530,11 +530,16 @@ def tlift(
     nan = QAConvError("tlift: score has NaN entries; expected finite similarities")
     with _LOCK:
         lo, hi = _windows(q_times[porder], pcode[porder].astype(np.int64), float(tau))
-        one = _kernel_chunk(0, n_g, gcode, g_times, tg, goff, sigma2, cut, np.empty(0), limit=_KERNEL_ELEMS)
+        n_s = _n_spans(n_q)
+        cuts = np.arange(n_s + 1) * n_q // n_s
+        ranked = int((hi[cuts[1:] - 1] - lo[cuts[:-1]]).sum())  # rows ranked by the spans of the one-pass path
+        one = None
+        if ranked <= 2 * n_q:  # (windows much wider than a span would have each span rank them again)
+            one = _kernel_chunk(0, n_g, gcode, g_times, tg, goff, sigma2, cut, np.empty(0), limit=_KERNEL_ELEMS)
         if one is not None:  # all cameras' banded kernels fit one chunk: everything in one pass
             kern, blo, bhi, boff, _, inv = one
             if _fused(work, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, blo, bhi, boff, inv,
-                      float(alpha), _n_spans(n_q)):
+                      float(alpha), n_s):
                 raise nan
             return out.astype(out_dtype, copy=False)
         width = max(1, _KERNEL_ELEMS // int(gsize.max()))  # columns per kernel chunk (any band)
