@@ -207,8 +207,9 @@ def _add_post_args(p, d: dict, explicit: bool = False) -> None:
         default=d["two_stage"],
         type=_positive(int, zero=True),
         metavar="M",
-        help="if > 0, QAConv re-scores only each query's M best gallery images by pooled cosine (fast on "
-        "large galleries; the rest ranked by cosine below them); 0 = exhaustive",
+        help="if > 0, QAConv re-scores only each query's M best gallery images by pooled cosine (the rest "
+        "ranked by cosine below them); with --rerank/--tlift the k-reciprocal lists likewise come from each "
+        "image's M nearest of query+gallery, re-scored (no [Q+G]^2 matrix; M >= Q+G is exhaustive); 0 = exhaustive",
     )
     g.add_argument(
         "--report",
