@@ -9,6 +9,21 @@ import numpy as np
 from ..errors import writing
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write (one line naming ``path`` on a full or read-only disk) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(path):
+            fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def plot_cmc(
     curves: dict[str, np.ndarray], path: str | Path, title: str = "CMC", max_rank: int = 20, dashed: tuple = ()
 ) -> Path:
@@ -38,13 +53,7 @@ def plot_cmc(
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with writing(path):
-            fig.savefig(path)
-        plt.close(fig)
-    return path
+        return _save(fig, path)
 
 
 def plot_score_distributions(histogram: dict, roc: dict, points: list[dict], path: str | Path,
@@ -99,10 +108,4 @@ def plot_score_distributions(histogram: dict, roc: dict, points: list[dict], pat
         ax_r.set_title("ROC (accept when score >= threshold)", fontsize=10)
         ax_r.legend(fontsize=8, loc="best")
         ax_r.grid(alpha=0.3, which="both")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with writing(path):
-            fig.savefig(path)
-        plt.close(fig)
-    return path
+        return _save(fig, path)
