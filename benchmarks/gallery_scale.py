@@ -249,6 +249,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
                     help="also write the maps to a memory-mapped segment file (default: up to 200,000 entries)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the working folder afterwards (default: removed; at 1 M entries it holds ~9 GB)")
     ap.add_argument("--phase", choices=["all", "build", "query"], default="all", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.mmap = args.size <= 200_000 if args.mmap is None else args.mmap
@@ -259,7 +261,12 @@ def main() -> None:
         query(args)
     elif args.phase == "all":  # the searcher in a fresh process: its memory is its own
         argv = [a for a in sys.argv[1:] if not a.startswith("--phase")]
-        subprocess.run([sys.executable, __file__, *argv, "--phase", "query"], check=True)
+        try:
+            subprocess.run([sys.executable, __file__, *argv, "--phase", "query"], check=True)
+        finally:
+            if not args.keep:
+                shutil.rmtree(args.dir, ignore_errors=True)
+                print(f"removed {args.dir} (--keep keeps it)")
 
 
 if __name__ == "__main__":
