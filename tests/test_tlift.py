@@ -222,3 +222,24 @@ def test_all_scores_tied():
     for k in (1, 10):
         _close(tlift(score, q_cams, q_times, g_cams, g_times, k=k),
                tlift_loop(score, q_cams, q_times, g_cams, g_times, k=k))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_benchmark_reference_loops_equal_the_plain_loop(seed):
+    """benchmarks/postprocess.py times qaconv.tlift against two loops (lean numpy, and the official code's
+    structure with torch): both must compute the official algorithm, on all rows and on a subset of rows."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from postprocess import tlift_loop_rows, tlift_official_rows
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(seed)
+    case = _random_case(rng, 30, 45, [0, 1, 2], [0, 1, 2, 3], decimals=2)  # cameras 0..C-1, ties
+    ref = tlift_loop(*case)
+    rows = np.sort(rng.choice(30, 7, replace=False))
+    for fn in (tlift_loop_rows, tlift_official_rows):
+        _close(fn(*case, np.arange(30)), ref)
+        _close(fn(*case, rows), ref[rows])
