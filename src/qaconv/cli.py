@@ -297,7 +297,8 @@ def _add_train_args(p, d: dict, explicit: bool = False) -> None:
         default=argparse.SUPPRESS,
         choices=["1.0", "1.1", "1.2", "2.0", "2.1", "latest"],
         help="published recipe: sets every option as that official version's main.py does (see README); "
-        "a --config file and options given explicitly override it (default: the --config file's recipe, or 2.1)",
+        "a --config file's recipe line picks one too; the file's values and options given explicitly override it "
+        "(default: 2.1)",
     )
     g = _group(p, "training", explicit)
     g.add_argument(

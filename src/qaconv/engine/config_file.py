@@ -27,6 +27,7 @@ RUN_CONTROL = {
 }
 _TYPES = {f.name: f.type for f in fields(TrainConfig)}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_BOOL_TEXT = ("amp", "augment")  # text options that read true/false (YAML on/off) as on/off, full/none
 
 
 def _key(raw, where: str) -> str:
@@ -77,13 +78,14 @@ def coerce(name: str, value, text: str | None = None):
         if kind == "str | None":
             return None
         raise QAConvError(f"{name} needs a value" + (" ('' for none)" if name == "testsets" else ""))
+    if isinstance(value, bool):
+        if name in _BOOL_TEXT:
+            return value
+        if text is None:
+            raise QAConvError(f"{name} must be text, got {_show(value)} (quote it)")
     if isinstance(value, str):
         return value
-    if text is not None:
-        return text
-    if isinstance(value, bool) and name != "amp":  # amp: YAML 1.1 reads on/off as booleans, normalised later
-        raise QAConvError(f"{name} must be text, got {_show(value)} (quote it)")
-    return value if isinstance(value, bool) else str(value)
+    return text if text is not None else str(value)
 
 
 def _show(value) -> str:
@@ -91,11 +93,10 @@ def _show(value) -> str:
 
 
 def _parsed(key: str, value, where: str, text: str | None = None):
-    """``value`` parsed (:func:`coerce`) and checked on its own (choice, type, range) as the option would
-    be; an error names ``where``."""
+    """``value`` parsed (:func:`coerce`), in its canonical form (``ibn: none`` -> None, ``margin: 2`` -> 2.0)
+    and checked on its own (choice, type, range) as the option would be; an error names ``where``."""
     try:
-        value = coerce(key, value, text)
-        TrainConfig(**{key: value}).validate(only=(key,))
+        value = getattr(TrainConfig(**{key: coerce(key, value, text)}).validate(only=(key,)), key)
     except QAConvError as exc:
         raise QAConvError(f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:
@@ -156,7 +157,7 @@ def parse_overrides(items: list[str]) -> tuple[dict, dict]:
         except yaml.YAMLError:
             value = text
         if _TYPES[key].startswith("str") and not (value is None or isinstance(value, str)):
-            value = text  # a text option takes the text as written (dataset=1501, testsets=a,b)
+            value = value if isinstance(value, bool) and key in _BOOL_TEXT else text  # a text option takes the text as written (dataset=1501, testsets=a,b)
         values[key], where[key] = _parsed(key, value, at, text), at
     return values, where
 
