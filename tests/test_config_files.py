@@ -61,7 +61,8 @@ def test_the_command_line_recipe_builds_a_file_without_one(tmp_path, capsys):
     shown = _printed(capsys, "--config", cfg, "--recipe", "2.0")
     assert (shown["recipe"], shown["loss"], shown["lr"]) == ("2.0", "pairwise", 0.02)
     assert _printed(capsys, "--config", cfg, "recipe=1.1", "--recipe", "2.0")["recipe"] == "1.1"  # override wins
-    line = _error(capsys, "--config", _write(tmp_path / "r.yaml", "recipe: '2.0'\n"), "--recipe", "1.0", "--print-config")
+    named = _write(tmp_path / "r.yaml", "recipe: '2.0'\n")
+    line = _error(capsys, "--config", named, "--recipe", "1.0", "--print-config")
     assert "recipe 1.0 contradicts" in line and "r.yaml" in line and "sets recipe 2.0" in line
 
 
@@ -97,7 +98,9 @@ def test_the_same_bad_value_gets_the_same_message_from_an_option_a_file_and_an_o
 
 def test_keys_and_values_mix_freely_with_the_options(tmp_path, capsys):
     cfg = _write(tmp_path / "c.yaml", "seed: 3\n")
-    shown = _printed(capsys, "lr=0.02", "--config", cfg, "-o", tmp_path / "o", "max-epochs=3", "--seed", "5", "testsets=")
+    shown = _printed(
+        capsys, "lr=0.02", "--config", cfg, "-o", tmp_path / "o", "max-epochs=3", "--seed", "5", "testsets="
+    )
     assert (shown["lr"], shown["max_epochs"], shown["seed"], shown["testsets"]) == (0.02, 3, 5, "")
     assert shown["out_dir"] == str(tmp_path / "o")
 
@@ -225,7 +228,7 @@ def test_out_dir_from_a_file_unless_given_and_overwrite_stays_a_command_line_cho
     assert "already holds a run (metrics.jsonl)" in _error(capsys, "--config", cfg)
     assert not calls
     assert main(["train", "--config", str(cfg), "--overwrite"]) == 0  # asked for: the runner replaces the old run
-    (called, kw), = calls
+    ((called, kw),) = calls
     assert called.out_dir == str(tmp_path / "from_file") and kw["overwrite"] is True and kw["resume"] is False
 
 

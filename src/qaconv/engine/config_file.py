@@ -157,7 +157,8 @@ def parse_overrides(items: list[str]) -> tuple[dict, dict]:
         except yaml.YAMLError:
             value = text
         if _TYPES[key].startswith("str") and not (value is None or isinstance(value, str)):
-            value = value if isinstance(value, bool) and key in _BOOL_TEXT else text  # a text option takes the text as written (dataset=1501, testsets=a,b)
+            # a text option takes the text as written (dataset=1501, testsets=[a]), amp/augment true/false
+            value = value if isinstance(value, bool) and key in _BOOL_TEXT else text
         values[key], where[key] = _parsed(key, value, at, text), at
     return values, where
 
