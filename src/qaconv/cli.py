@@ -246,13 +246,59 @@ POST_KEYS = (
 )
 
 
+class _Intermixed:
+    """Parser mixin: positional ``KEY=VALUE`` overrides may stand anywhere among the options
+    (argparse's intermixed parsing, also when the parser is a sub-command's)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_mixing", False):
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
+TRAIN_LAYERS = (
+    "Configuration, lowest precedence first: the --recipe preset (default 2.1), the --config file, options "
+    "given on the command line, KEY=VALUE overrides. A --config file is a run's config.yaml, a recipe preset "
+    "(src/qaconv/recipes/*.yaml) or any subset of its keys; its recipe line (or the preset it is) picks the "
+    "preset beneath it. Its out_dir is used unless -o or out_dir= is given (a folder that holds a run is "
+    "refused unless --overwrite); resume and overwrite are command-line choices only, never keys. "
+    "Keys are the options' long names with '_' or '-' (lr=0.01, max-epochs=5, testsets=synth_B,market, "
+    "ibn=none, rerank=true); values are parsed as YAML scalars, then checked as the options are."
+)
+
+
 def _add_train_args(p, d: dict, explicit: bool = False) -> None:
+    p.__class__ = type("TrainParser", (_Intermixed, type(p)), {})
+    p.description = "Train a model and evaluate it on --testsets. " + TRAIN_LAYERS
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="configuration overrides, e.g. lr=0.01 max_epochs=5 (above --config and the options)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.yaml",
+        help="configuration file: a run's config.yaml (repeats that run), a recipe preset or any subset of keys",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration as YAML (what config.yaml would hold) and exit: nothing is trained "
+        "or written, data sets are not looked up",
+    )
     p.add_argument(
         "--recipe",
-        default="2.1",
+        default=argparse.SUPPRESS,
         choices=["1.0", "1.1", "1.2", "2.0", "2.1", "latest"],
         help="published recipe: sets every option as that official version's main.py does (see README); "
-        "options given explicitly override it",
+        "a --config file's recipe line picks one too; the file's values and options given explicitly override it "
+        "(default: 2.1)",
     )
     g = _group(p, "training", explicit)
     g.add_argument(
@@ -580,16 +626,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> None:
-    from .engine.config import FIELD_NAMES, resolve_config
-    from .engine.runner import train
+    from .engine.config import FIELD_NAMES
+    from .engine.config_file import config_yaml, layered_config, parse_overrides, read_config_file
 
-    overrides = {k: v for k, v in vars(args).items() if k in FIELD_NAMES and k != "recipe"}
-    cfg = resolve_config(args.recipe, overrides).validate()
+    options = {k: v for k, v in vars(args).items() if k in FIELD_NAMES and k != "recipe"}
+    overrides, _ = parse_overrides(args.overrides)
+    if args.resume and (args.config or args.print_config):
+        flag = "--config" if args.config else "--print-config"
+        raise QAConvError(f"{flag} does not combine with --resume: a resumed run keeps its saved OUT_DIR/config.yaml "
+                          "(run-time options and KEY=VALUE overrides still apply)")
+    file, where = read_config_file(args.config) if args.config else ({}, {})
+    cfg = layered_config(getattr(args, "recipe", None), file, options, overrides, file_name=str(args.config))
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return
+    from .engine.runner import RUN_FILES, train
+
+    if "out_dir" in where and "out_dir" not in options and "out_dir" not in overrides and not args.overwrite:
+        held = [name for name in RUN_FILES if (Path(cfg.out_dir) / name).exists()]
+        if held:
+            raise QAConvError(f"{cfg.out_dir} (out_dir at {where['out_dir']}) already holds a run ({', '.join(held)}):"
+                              f" pass -o NEW_DIR to repeat it elsewhere, --resume to continue it, or --overwrite")
     if cfg.report and cfg.testsets:
         from .report import check_report_dir
 
         check_report_dir(cfg.report)  # fail before training
-    train(cfg, resume=args.resume, overwrite=args.overwrite, given=set(overrides))
+    train(cfg, resume=args.resume, overwrite=args.overwrite, given=set(options) | set(overrides))
 
 
 def _cmd_evaluate(args) -> None:
