@@ -450,7 +450,7 @@ def _raw_add(g, row, maps, pooled):
 
 def _bad_row(**change):
     row = {"path": ["z.jpg"], "pid": [1], "cam": [0], "cam_label": ["a"], "time": [np.nan], "session": [-1],
-           "frame": [-1], "time_source": [0]}
+           "frame": [-1], "time_source": [0], "track": [""]}
     row.update(change)
     return row
 
