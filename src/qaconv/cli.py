@@ -533,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--html", default=None, help="also write an HTML page: thumbnails linked to the full-size images "
                    "and a match picture of every result, in a folder next to it")
-    p.add_argument("--tlift", action="store_true", help="re-rank with temporal lifting (index needs times)")
+    p.add_argument("--tlift", action="store_true", help="re-rank with temporal lifting (index needs times; "
+                   "same-camera entries are dropped after lifting); single crops only")
     p.add_argument(
         "--query-cam", default=None, help="camera label of the queries, one or comma-separated per query "
         "(default: from Market-style names); must be a camera of the store"
