@@ -656,7 +656,7 @@ def test_tracklet_search_equals_brute_force_aggregation(tmp_path, ckpts, head):
     cos = _pooled_cos(q, maps)
     for by_track, g_groups in ((False, singles), (True, tracklets)):
         cols = []
-        for qi, qg in enumerate(q_groups):
+        for qg in q_groups:
             allowed = [c for c in range(42) if cams[c] != q_cams[qg[0]]]
             union = {c for r in qg for c in sorted(allowed, key=lambda c: -cos[r, c])[:m]}
             if by_track:
