@@ -342,7 +342,8 @@ def test_cli_index_then_search(folder, ckpts, tiny_domain, built, extractor, tmp
     assert main(["index", str(folder), "--checkpoint", ckpts[0], "-o", str(idx), "--append"]) == 0
     assert f"skipped {len(built[0])} already" in capsys.readouterr().out
     queries = _queries(tiny_domain, n=3)
-    base = ["search", *queries, "--index", str(idx), "--checkpoint", ckpts[0], "--device", "cpu", "--top", "4"]
+    base = ["search", *queries, "--index", str(idx), "--checkpoint", ckpts[0], "--device", "cpu", "--top", "4",
+            "--include-same-camera"]
     assert main([*base, "--json", "--exhaustive"]) == 0
     res = json.loads(capsys.readouterr().out)
     index = built[0]  # the in-memory index of the same folder: the store must rank as it does
@@ -364,6 +365,9 @@ def test_cli_index_then_search(folder, ckpts, tiny_domain, built, extractor, tmp
     assert main(["search", queries[0], "--index", str(idx), "--checkpoint", ckpts[1]]) == 1
     assert "another model" in _error_line(capsys)
     assert main(["search", str(tmp_path / "q.gif"), "--index", str(idx), "--checkpoint", ckpts[0]]) == 1
+    assert "q.gif does not exist" in _error_line(capsys)
+    (tmp_path / "q.gif").write_bytes(b"GIF89a")
+    assert main(["search", str(tmp_path / "q.gif"), "--index", str(idx), "--checkpoint", ckpts[0]]) == 1
     assert "not an image file" in _error_line(capsys)
 
 
@@ -377,15 +381,19 @@ def test_cli_tlift_and_html(tiny_domain, ckpts, tmp_path, capsys):
             "--candidates", "10", "--html", str(html_path), "--json"]
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res[0]["score"] == "TLift-lifted similarity" and res[0]["time"] is not None
+    assert res[0]["score_kind"] == "TLift-lifted similarity" and res[0]["time"] is not None
+    assert all(r["same_camera_excluded"] and h["cam"] != r["cam"] for r in res for h in r["results"])
     page = html_path.read_text()
     links = re.findall(r'(?:src|href)="([^"]*)"', page)
-    assert len(links) == 2 * 4 and "http" not in page
+    # per image a thumbnail and its full-size picture, per result a match picture
+    assert len(links) == 2 * (2 + 2 * 3) + 2 * 3 and "http" not in page
     for link in links:
         assert not link.startswith("/") and (html_path.parent / link).is_file()
     assert main([*args[:-3], "--query-time", "1,2,3"]) == 1
     assert "one value or 2" in _error_line(capsys)
-    assert main([*args[:-3], "--query-cam", "a", "--query-time", "5"]) == 0  # options instead of names
+    assert main([*args[:-3], "--query-cam", "c1", "--query-time", "5"]) == 0  # options instead of names
+    assert main([*args[:-3], "--query-cam", "a", "--query-time", "5"]) == 1  # a camera the store has not
+    assert "query camera a is not in the store" in _error_line(capsys)
 
 
 def test_html_escapes_text_and_marks_missing_images(tiny_domain, tmp_path):
@@ -394,13 +402,16 @@ def test_html_escapes_text_and_marks_missing_images(tiny_domain, tmp_path):
     root = tmp_path / "g"
     root.mkdir()
     shutil.copy(sorted((tiny_domain / "query").iterdir())[0], root / "a&b <x>.jpg")
-    results = [{"query": str(root / "a&b <x>.jpg"), "pid": -1, "cam": "", "score": "QAConv logit",
+    results = [{"query": str(root / "a&b <x>.jpg"), "crops": [str(root / "a&b <x>.jpg")], "pid": None,
+                "cam": None, "score_kind": "QAConv logit",
                 "results": [{"rank": 1, "score": 1.5, "path": "a&b <x>.jpg", "pid": 3, "cam": "c1", "row": 0},
                             {"rank": 2, "score": 1.0, "path": "gone.jpg", "pid": 4, "cam": "c2", "row": 1}]}]
     page = write_search_html(tmp_path / "r.html", results, root).read_text()
     assert "a&amp;b &lt;x&gt;.jpg" in page and "<x>" not in page
     assert page.count("<img ") == 2 and page.count("image missing") == 1
-    assert sorted(p.name for p in (tmp_path / "r_files").iterdir()) == ["g0.png", "q0.png"]
+    assert sorted(p.name for p in (tmp_path / "r_files").iterdir()) == ["g0.png", "g0_full.png", "q0_0.png",
+                                                                         "q0_0_full.png"]
+    assert 'class="same"' not in page.split("</style>")[1] and 'class="different"' not in page  # pid unknown
 
 
 # -- non-finite features and crafted index fields ---------------------------------------------------------------

@@ -109,6 +109,33 @@ def test_filters_and_exclude_same_camera_pass_through(served):
     assert got.status_code == 200 and all(h["cam"] == "c2" for r in got.json()["results"] for h in r["hits"])
 
 
+def test_tracklet_queries_and_json_types_as_the_in_process_gallery(served):
+    url, root, tmp = served
+    paths = _queries(root)
+    body = {"paths": paths, "top": 4, "query_tracks": ["t", "t", None], "query_cameras": ["c1", "c1", "c2"],
+            "aggregate": "max", "group_by_track": True, "exclude_same_camera": None}
+    got = httpx.post(f"{url}/search", json=body, timeout=60)
+    assert got.status_code == 200, got.text
+    answer = got.json()
+    assert answer["score_kind"] == "max of the QAConv logits of crop pairs"
+    assert [(r["query"], r["crops"]) for r in answer["results"]] == [(paths[0], paths[:2]), (paths[2], paths[2:])]
+    gallery = Gallery.open(tmp / "store", tmp / "run", device="cpu")
+    want = gallery.search([root / p for p in paths], top=4, query_tracks=["t", "t", None],
+                          query_cameras=["c1", "c1", "c2"], aggregate="max", group_by_track=True,
+                          exclude_same_camera=None)
+    for r, w, cam in zip(answer["results"], want, ("c1", "c2"), strict=True):
+        assert [h["path"] for h in r["hits"]] == [h["path"] for h in w]
+        assert [h["score"] for h in r["hits"]] == pytest.approx([h["score"] for h in w], abs=1e-5)
+        assert [h["query_crop"] for h in r["hits"]] == [paths[h["query_crop"]] for h in w]
+        for h in r["hits"]:
+            assert h["cam"] != cam and type(h["score"]) is float and type(h["row"]) is int
+            assert h["pid"] is None or type(h["pid"]) is int
+    plain = httpx.post(f"{url}/search", json={"paths": paths[:1], "top": 2}, timeout=60).json()
+    assert plain["score_kind"] == "QAConv logit" and plain["results"][0]["crops"] == paths[:1]
+    bad = httpx.post(f"{url}/search", json={**body, "query_tracks": ["t"]}, timeout=60)
+    assert bad.status_code == 422 and "one label per query" in bad.json()["error"]
+
+
 BAD = [
     ("post", "/search", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422),
     ("post", "/search", {"json": {"paths": ["query/x.jpg"], "topp": 3}}, 422),  # unknown field

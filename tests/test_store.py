@@ -450,7 +450,7 @@ def _raw_add(g, row, maps, pooled):
 
 def _bad_row(**change):
     row = {"path": ["z.jpg"], "pid": [1], "cam": [0], "cam_label": ["a"], "time": [np.nan], "session": [-1],
-           "frame": [-1], "time_source": [0]}
+           "frame": [-1], "time_source": [0], "track": [""]}
     row.update(change)
     return row
 
@@ -588,3 +588,188 @@ def test_cli_filters_match_the_api(tiny_domain, ckpts, tmp_path, capsys):
     # rebuild with --overwrite: the old store is replaced only once the new one is complete
     assert main(["index", str(folder), "--checkpoint", ckpts[0], "-o", str(store), "--overwrite"]) == 0
     assert len(Gallery.open(store)) == len(g) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# -- tracklets, the pre-tracklet store format, export -----------------------------------------------------------------
+def _track_meta(n):
+    """Entries of cameras a/b/c; track label i % 7 (tracklet = one camera + one label), none for i % 5 == 0."""
+    return [{**m, "track": None if i % 5 == 0 else str(i % 7)} for i, m in enumerate(_meta(n))]
+
+
+def _brute_groups(truth, q_groups, g_groups, how, q_cams=None, g_cams=None, cols=None):
+    """Per query group: [(score, gallery group, best query crop, best gallery column, best pair)] sorted, by hand."""
+    out = []
+    for qi, qg in enumerate(q_groups):
+        ranked = []
+        for gg in g_groups:
+            gg = [c for c in gg if cols is None or c in cols[qi]]
+            if not gg or (q_cams is not None and q_cams[qi] is not None and g_cams[gg[0]] == q_cams[qi]):
+                continue
+            block = truth[np.ix_(qg, gg)]
+            r, c = np.unravel_index(np.argmax(block), block.shape)
+            ranked.append((block.mean() if how == "mean" else block.max(), gg, qg[r], gg[c], block.max()))
+        out.append(sorted(ranked, key=lambda x: -x[0]))
+    return out
+
+
+def _check_groups(hits, want, top, paths):
+    assert len(hits) == len(want)
+    for h_list, w_list in zip(hits, want, strict=True):
+        w_list = w_list[:top]
+        assert len(h_list) == len(w_list)
+        for h, (score, gg, qc, gc, pair) in zip(h_list, w_list, strict=True):
+            assert h["score"] == pytest.approx(score, abs=1e-4) and h["pair_score"] == pytest.approx(pair, abs=1e-4)
+            assert h["crops"] == len(gg) and h["path"] == paths[gc] and h["query_crop"] == qc
+
+
+def test_tracklet_search_equals_brute_force_aggregation(tmp_path, ckpts, head):
+    maps = _maps(42, 11)
+    meta = _track_meta(42)
+    g = Gallery.create(tmp_path / "t.store", ckpts[0], device="cpu")
+    g.add(maps, meta)
+    paths = [m["path"] for m in meta]
+    cams = [m["cam"] for m in meta]
+    groups = {}
+    for i, m in enumerate(meta):
+        groups.setdefault((m["cam"], m["track"]) if m["track"] else i, []).append(i)
+    tracklets = list(groups.values())
+    assert max(map(len, tracklets)) > 1 and min(map(len, tracklets)) == 1
+    singles = [[i] for i in range(42)]
+    q = _maps(6, 12)
+    q_tracks = ["A", "A", "B", None, "B", "B"]
+    q_cams = ["a", "a", "b", "c", "b", "b"]
+    q_groups = [[0, 1], [2, 4, 5], [3]]
+    truth = _brute(head, q, maps)
+    for how in ("mean", "max"):
+        for by_track, g_groups in ((False, singles), (True, tracklets)):
+            for exclude, excl_cams in ((False, None), (True, ["a", "b", "c"])):
+                want = _brute_groups(truth, q_groups, g_groups, how, excl_cams, cams)
+                for extra in (dict(exhaustive=True), dict(candidates=42, exhaustive=False)):
+                    hits = g.search(q, top=5, query_tracks=q_tracks, query_cameras=q_cams, aggregate=how,
+                                    group_by_track=by_track, exclude_same_camera=exclude, **extra)
+                    _check_groups(hits, want, 5, paths)
+                    if by_track:
+                        for h in hits[0]:
+                            assert h["track"] is None or (h["cam"], h["track"]) in groups
+    # two stages: each query crop's M best allowed rows by pooled cosine, their union per query, whole tracklets
+    m = 4
+    cos = _pooled_cos(q, maps)
+    for by_track, g_groups in ((False, singles), (True, tracklets)):
+        cols = []
+        for qg in q_groups:
+            allowed = [c for c in range(42) if cams[c] != q_cams[qg[0]]]
+            union = {c for r in qg for c in sorted(allowed, key=lambda c: -cos[r, c])[:m]}
+            if by_track:
+                union = {c for gg in g_groups if set(gg) & union for c in gg}
+            cols.append(union)
+        want = _brute_groups(truth, q_groups, g_groups, "mean", ["a", "b", "c"], cams, cols)
+        hits = g.search(q, top=6, candidates=m, query_tracks=q_tracks, query_cameras=q_cams,
+                        group_by_track=by_track, exclude_same_camera=True)
+        _check_groups(hits, want, 6, paths)
+    # one crop per query, one entry per result: the plain search's ranking and logits
+    plain = g.search(q, top=7, exhaustive=True)
+    single = g.search(q, top=7, exhaustive=True, query_tracks=[None] * 6)
+    assert [[h["path"] for h in r] for r in single] == [[h["path"] for h in r] for r in plain]
+    np.testing.assert_allclose([[h["score"] for h in r] for r in single], [[h["score"] for h in r] for r in plain],
+                               atol=1e-4)
+    with pytest.raises(QAConvError, match="mixes cameras a, b"):
+        g.search(q, query_tracks=["A"] * 6, query_cameras=q_cams)
+    with pytest.raises(QAConvError, match="aggregate must be one of"):
+        g.search(q, query_tracks=q_tracks, aggregate="median")
+    with pytest.raises(QAConvError, match="one label per query"):
+        g.search(q, query_tracks=["A"])
+
+
+def test_exclusion_by_default_only_where_the_camera_is_known(store, head):
+    g, maps = store
+    q = _maps(3, 13)
+    truth = _brute(head, q, maps)
+    cams = np.array([CAMS[i % 3] for i in range(40)])
+    hits = g.search(q, top=5, exhaustive=True, query_cameras=["a", "", "c"], exclude_same_camera=None)
+    allowed = [np.flatnonzero(cams != "a"), np.arange(40), np.flatnonzero(cams != "c")]
+    _assert_hits(hits, truth, allowed, 5)
+    assert g.search(q, top=5, exhaustive=True, exclude_same_camera=None) == g.search(q, top=5, exhaustive=True)
+    with pytest.raises(QAConvError, match="exclude_same_camera needs"):
+        g.search(q, query_cameras=["a", "", "c"], exclude_same_camera=True)
+    with pytest.raises(QAConvError, match=r"query camera zz is not in the store .*\(its cameras: a, b, c\)"):
+        g.check_cameras(["a", "zz", ""], "query camera")
+    assert g.cameras == ["a", "b", "c"]
+
+
+def test_unknown_values_are_null_in_hits(tmp_path, ckpts):
+    g = Gallery.create(tmp_path / "n.store", ckpts[0], device="cpu")
+    g.add(_maps(3, 1), [{"path": "x.jpg", "pid": -1, "cam": ""}, {"path": "y.jpg", "pid": 4, "cam": "a",
+                                                                     "time": 3.5, "track": 9}, {"path": "z.jpg"}])
+    hits = {h["path"]: h for h in g.search(_maps(1, 2), top=3)[0]}
+    assert {k: hits["x.jpg"][k] for k in ("pid", "cam", "time", "track")} == dict(pid=None, cam=None, time=None,
+                                                                                    track=None)
+    assert {k: hits["y.jpg"][k] for k in ("pid", "cam", "time", "track")} == dict(pid=4, cam="a", time=3.5,
+                                                                                    track="9")
+
+
+def _old_format_store(path, ckpt, monkeypatch, maps, meta):
+    """A store written as before the track column existed (the old table schema)."""
+    from qaconv.gallery import store as store_mod
+
+    real = store_mod.schema
+    with monkeypatch.context() as mp:
+        mp.setattr(store_mod, "schema", lambda shape, h, tracks=True: real(shape, h, tracks=False))
+        g = Gallery.create(path, ckpt, device="cpu")
+        g.add(maps, meta)
+    return path
+
+
+def test_a_store_without_the_track_column_opens_searches_and_grows(tmp_path, ckpts, head, monkeypatch, capsys):
+    maps = _maps(12, 4)
+    path = _old_format_store(tmp_path / "old.store", ckpts[0], monkeypatch, maps[:10], _meta(10))
+    g = Gallery.open(path, device="cpu")
+    assert "track" not in g._store._tbl.schema.names and len(g) == 10
+    q = _maps(2, 5)
+    hits = g.search(q, top=4, exhaustive=True)
+    _assert_hits(hits, _brute(head, q, maps[:10]), [range(10)] * 2, 4)
+    assert all(h["track"] is None for r in hits for h in r)
+    g.add(maps[10:11], _meta(1, start=10))  # without tracks: fine
+    assert len(Gallery.open(path)) == 11
+    msg = _one_line_error(lambda: g.add(maps[11:], [{**_meta(1, start=11)[0], "track": "7"}]),
+                          "written before tracklets")
+    assert f"qaconv index GALLERY_DIR --checkpoint RUN -o {path} --overwrite" in msg and len(Gallery.open(path)) == 11
+    grouped = g.search(q, top=3, group_by_track=True, exhaustive=True)  # every entry its own tracklet
+    assert [[h["path"] for h in r] for r in grouped] == [[h["path"] for h in r] for r in g.search(q, top=3)]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_export_round_trip(tmp_path, ckpts, fmt):
+    import csv
+
+    maps = _maps(9, 6)
+    meta = _track_meta(9)
+    meta[2] = {"path": "sub/unknown.jpg"}  # pid, camera, time, track unknown
+    meta[4] = {**meta[4], "time": 1 / 3}  # a time that needs every digit
+    g = Gallery.create(tmp_path / "e.store", ckpts[0], device="cpu")
+    g.add(maps, meta)
+    g.remove(paths=["e005.jpg"])
+    done = g.export(tmp_path / "out", fmt)
+    keep = [i for i in range(9) if i != 5]
+    assert done["entries"] == 8 and sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["pooled.npy", f"metadata.{fmt}"])
+    pooled = np.load(tmp_path / "out" / "pooled.npy")
+    want = F.normalize(maps.half().float().mean(dim=(2, 3)), dim=1).numpy()[keep]
+    assert pooled.dtype == np.float32 and pooled.shape == (8, C)
+    np.testing.assert_allclose(pooled, want, atol=1e-5)
+    if fmt == "csv":
+        with open(tmp_path / "out" / "metadata.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        parse = {"row": int, "pid": int, "time": float}
+        got = [{k: (parse.get(k, str)(v) if v != "" else None) for k, v in r.items()} for r in rows]
+    else:
+        import pyarrow.parquet as pq
+
+        got = pq.read_table(tmp_path / "out" / "metadata.parquet").to_pylist()
+    assert [r["row"] for r in got] == g._store.rows.ids.astype(int).tolist()
+    for r, i in zip(got, keep, strict=True):
+        m = meta[i]
+        assert list(r) == ["row", "path", "pid", "camera", "time", "track"]
+        assert (r["path"], r["pid"], r["camera"], r["time"], r["track"]) == (
+            m["path"], m.get("pid"), m.get("cam"), m.get("time"), m.get("track"))
+    with pytest.raises(QAConvError, match="export format must be one of csv, parquet"):
+        g.export(tmp_path / "x", "feather")

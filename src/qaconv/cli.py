@@ -515,14 +515,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build or grow a gallery store: a folder holding a LanceDB table (float16 feature maps, pooled "
         "vectors, path, pid, camera, time) and a JSON file naming the model. --append adds only new images "
         "(O(new images), committed in chunks of 4096: a kill keeps what was committed). An old single-file .npz "
-        "index is converted with --convert OLD.npz -o STORE.",
+        "index is converted with --convert OLD.npz -o STORE. --export-pooled DIR writes the pooled vectors and "
+        "the metadata of OUT for a vector database of one's own (alone: of the existing store OUT).",
     )
     p.add_argument("gallery_dir", nargs="?", default=None,
                    help="folder of gallery images (.jpg, .jpeg, .png; searched recursively)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint.pt (or its folder) written by 'qaconv train' (required unless --convert)")
     p.add_argument("-o", "--out", default="gallery.store", help="gallery store folder to create or grow")
-    p.add_argument("--manifest", default=None, help="CSV 'path,pid,camid[,time]' overriding Market-style names")
+    p.add_argument("--manifest", default=None, help="CSV 'path,pid,camid[,time][,track]' overriding Market-style "
+                   "names and --cam-from-folder; 'track' labels tracklets (one camera, one label)")
+    p.add_argument("--cam-from-folder", action="store_true",
+                   help="camera label = the folder an image lies in (camA/img_001.jpg -> camA)")
+    p.add_argument("--export-pooled", default=None, metavar="DIR",
+                   help="write DIR/pooled.npy (float32 [N, C], unit norm) and DIR/metadata.csv (row id, path, pid, "
+                   "camera, time, track; empty = unknown), row i describing vector i")
+    p.add_argument("--export-format", default="csv", choices=["csv", "parquet"],
+                   help="metadata file of --export-pooled: metadata.csv or metadata.parquet")
     p.add_argument("--append", action="store_true", help="add only images not yet in OUT (same model required)")
     p.add_argument("--overwrite", action="store_true", help="rebuild OUT when it already exists")
     p.add_argument("--convert", default=None, metavar="OLD_INDEX",
@@ -531,8 +540,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", default=2, type=_positive(int), help="image-decoding threads")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if available)")
 
-    p = sub.add_parser("search", formatter_class=FORMATTER, help="rank the images of a gallery store for queries")
-    p.add_argument("queries", nargs="+", metavar="QUERY", help="query images or folders of them")
+    p = sub.add_parser(
+        "search", formatter_class=FORMATTER, help="rank the images of a gallery store for queries",
+        description="Rank a gallery store for query images, folders of them, tracklets (--tracklet, or a query "
+        "manifest's track column) or a query manifest. Same-camera entries are left out for every query whose "
+        "camera is known (Market-style names, --query-cam, --cam-from-folder or the manifest), as re-ID "
+        "evaluation does; --include-same-camera keeps them.",
+    )
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="query images or folders of them (or --query-manifest)")
+    p.add_argument("--query-manifest", default=None, metavar="CSV",
+                   help="queries from a CSV 'path,camid[,time][,pid][,track]' instead of QUERY arguments; rows with "
+                   "one camid and track form one tracklet query")
+    p.add_argument("--cam-from-folder", action="store_true",
+                   help="a query's camera is the folder it lies in (camA/img.jpg -> camA; with --tracklet the folder "
+                   "holding the tracklet folder)")
+    p.add_argument("--tracklet", action="store_true",
+                   help="each QUERY is one query: a folder is a tracklet of all its crops (one person, one camera)")
+    p.add_argument("--aggregate", default="mean", choices=["mean", "max"],
+                   help="score of a tracklet pair: mean or max of the QAConv logits of its crop pairs")
+    p.add_argument("--group-tracks", action="store_true",
+                   help="list gallery tracklets (the store's track labels), not crops")
     p.add_argument("--index", required=True, help="gallery store written by 'qaconv index'")
     p.add_argument("--checkpoint", required=True, help="the checkpoint the store was built with")
     p.add_argument("--top", default=10, type=_positive(int), help="results per query")
@@ -544,14 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all)")
     p.add_argument("--time-window", default=None, metavar="START,END", help="only gallery images with a time stamp "
                    "in [START, END] seconds; either side may be empty (default: all, with or without time)")
-    p.add_argument("--exclude-same-camera", action="store_true",
-                   help="leave out the gallery images of each query's own camera")
+    p.add_argument("--exclude-same-camera", dest="exclude_same_camera", action="store_const", const=True,
+                   default=None, help="leave out the gallery images of each query's own camera; an error when a "
+                   "query's camera is unknown (default: left out for every query whose camera is known)")
+    p.add_argument("--include-same-camera", dest="exclude_same_camera", action="store_const", const=False,
+                   help="keep the gallery images of the query's own camera")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--html", default=None, help="also write an HTML page (thumbnails in a folder next to it)")
-    p.add_argument("--tlift", action="store_true", help="re-rank with temporal lifting (index needs times)")
+    p.add_argument("--html", default=None, help="also write an HTML page: thumbnails linked to the full-size images "
+                   "and a match picture of every result, in a folder next to it")
+    p.add_argument("--tlift", action="store_true", help="re-rank with temporal lifting (index needs times; "
+                   "same-camera entries are dropped after lifting); single crops only")
     p.add_argument(
         "--query-cam", default=None, help="camera label of the queries, one or comma-separated per query "
-        "(default: from Market-style names); queries with one label form TLift's co-occurrence groups"
+        "(default: from Market-style names); must be a camera of the store"
     )
     p.add_argument(
         "--query-time", default=None, help="time stamp (s) of the queries, one or comma-separated per query "
@@ -781,6 +813,15 @@ def _replace(out: Path, build) -> None:
             old.unlink()
 
 
+def _export_pooled(out: Path, args) -> None:
+    from .gallery import Gallery
+
+    if args.export_pooled:
+        done = Gallery.open(out).export(args.export_pooled, args.export_format)
+        print(f"exported {done['entries']} pooled vectors to {_printable(done['pooled'])} and their metadata to "
+              f"{_printable(done['metadata'])}")
+
+
 def _cmd_index(args) -> None:
     import numpy as np
 
@@ -788,20 +829,24 @@ def _cmd_index(args) -> None:
 
     out = Path(args.out)
     if args.convert:
-        if args.gallery_dir or args.append or args.manifest:
-            raise QAConvError("--convert OLD_INDEX takes no GALLERY_DIR, --append or --manifest")
+        if args.gallery_dir or args.append or args.manifest or args.cam_from_folder:
+            raise QAConvError("--convert OLD_INDEX takes no GALLERY_DIR, --append, --manifest or --cam-from-folder")
         _index_target(out, args)
         _replace(out, lambda target: Gallery.convert(args.convert, target))
         print(f"converted {_printable(args.convert)} into {_printable(out)}: {len(Gallery.open(out))} images")
+        _export_pooled(out, args)
         return
     if args.gallery_dir is None:
+        if args.export_pooled and not (args.append or args.overwrite or args.manifest or args.cam_from_folder):
+            _export_pooled(out, args)  # of the existing store
+            return
         raise QAConvError("index needs GALLERY_DIR (a folder of images), or --convert OLD_INDEX")
     if not Path(args.gallery_dir).is_dir():
         raise QAConvError(f"gallery folder {args.gallery_dir} does not exist or is not a folder")
     append = _index_target(out, args)
     if args.checkpoint is None:
         raise QAConvError("index needs --checkpoint (the model that extracts the feature maps)")
-    kw = dict(manifest=args.manifest, workers=args.workers)
+    kw = dict(manifest=args.manifest, workers=args.workers, cam_from_folder=args.cam_from_folder)
     model = dict(device=args.device, batch_size=args.batch_size)
     reports = []
     if append:
@@ -829,22 +874,12 @@ def _cmd_index(args) -> None:
         print(f"{report['manifest_unmatched']} manifest rows name no image in {args.gallery_dir} (ignored)")
     if append and len(gallery) == before:
         print(f"{out} unchanged: {len(gallery)} images")
-        return
-    c, h, w = gallery.feature_shape
-    timed = int(np.isfinite(gallery.times).sum())
-    print(f"wrote {out}: {len(gallery)} images, feature maps {c}x{h}x{w} float16 "
-          f"({len(gallery) * c * h * w * 2 / 2**20:.1f} MB), {timed} with time stamps")
-
-
-def _split_values(text, n: int, kind, name: str):
-    values = [v.strip() for v in text.split(",")]
-    if len(values) not in (1, n):
-        raise QAConvError(f"--{name} needs one value or {n} (one per query), got {len(values)}")
-    try:
-        values = [kind(v) for v in values]
-    except ValueError:
-        raise QAConvError(f"--{name} values must be {kind.__name__}s, got '{text}'") from None
-    return values * n if len(values) == 1 else values
+    else:
+        c, h, w = gallery.feature_shape
+        timed = int(np.isfinite(gallery.times).sum())
+        print(f"wrote {out}: {len(gallery)} images, feature maps {c}x{h}x{w} float16 "
+              f"({len(gallery) * c * h * w * 2 / 2**20:.1f} MB), {timed} with time stamps")
+    _export_pooled(out, args)
 
 
 def _time_window(text: str | None):
@@ -865,62 +900,42 @@ def _time_window(text: str | None):
 def _cmd_search(args) -> None:
     import json
 
-    import numpy as np
-
-    from .data.market import IMAGE_SUFFIXES
-    from .gallery import Gallery, check_query_maps, list_images
+    from .gallery import Gallery, check_query_maps
+    from .gallery.queries import collect_queries, read_query_manifest
+    from .gallery.results import format_results, search_queries
 
     window = _time_window(args.time_window)
     cameras = [c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras is not None else None
     gallery = Gallery.open(args.index, args.checkpoint, device=args.device, batch_size=args.batch_size)
-    queries = []
-    for q in map(Path, args.queries):
-        if q.is_dir():
-            queries += [q / p for p in list_images(q)]
-        elif q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES:
-            queries.append(q)
-        else:
-            raise QAConvError(f"query {q} is not an image file ({', '.join(IMAGE_SUFFIXES)}) or a folder")
-    if not queries:
-        raise QAConvError("no query images found")
-    extractor = gallery.extractor  # another model than the store's is refused here
-    maps = extractor([str(q) for q in queries])
-    check_query_maps(maps, [_printable(q) for q in queries])
-    n = len(queries)
-    cams = _split_values(args.query_cam, n, str, "query-cam") if args.query_cam else None
-    times = _split_values(args.query_time, n, float, "query-time") if args.query_time else None
-    names = [q.name for q in queries]
-    pids, q_cams, labels, q_times, _ = gallery.query_metadata(names, cams, times)
-    kw = dict(top=args.top, candidates=args.candidates, exhaustive=True if args.exhaustive else None,
-              cameras=cameras, time_window=window, query_cameras=labels)
-    if args.tlift:
-        if not np.isfinite(q_times).all() or (q_cams < 0).any():
-            raise QAConvError("--tlift needs each query's camera and time: Market-style names or --query-cam/-time")
-        if args.exclude_same_camera:
-            raise QAConvError("--exclude-same-camera does not combine with --tlift (TLift weighs cameras itself)")
-        lift = dict(tau=args.tau, sigma=args.sigma, tlift_k=args.tlift_k, alpha=args.alpha)
-        ranked = gallery.tlift_search(maps, query_names=names, query_times=times, **lift, **kw)
+    if args.query_manifest:
+        if args.queries or args.tracklet or args.cam_from_folder:
+            raise QAConvError("--query-manifest takes no QUERY arguments, --tracklet or --cam-from-folder (the "
+                              "manifest gives the images, tracks and cameras)")
+        qs = read_query_manifest(args.query_manifest)
+    elif not args.queries:
+        raise QAConvError("search needs QUERY images or folders, or --query-manifest CSV")
     else:
-        ranked = gallery.search(maps, exclude_same_camera=args.exclude_same_camera, **kw)
-    kind = "TLift-lifted similarity" if args.tlift else "QAConv logit"
-    results = [{"query": str(q), "pid": int(p), "cam": c, "time": float(t) if np.isfinite(t) else None,
-                "score": kind, "results": r}
-               for q, p, c, t, r in zip(queries, pids, labels, q_times, ranked, strict=True)]
+        qs = collect_queries(args.queries, tracklet=args.tracklet, cam_from_folder=args.cam_from_folder)
+    extractor = gallery.extractor  # another model than the store's is refused here
+    maps = extractor([str(q) for q in qs.paths])
+    check_query_maps(maps, [_printable(q) for q in qs.paths])
+    lift = dict(tau=args.tau, sigma=args.sigma, tlift_k=args.tlift_k, alpha=args.alpha) if args.tlift else None
+    results = search_queries(
+        gallery, qs, maps, top=args.top, candidates=args.candidates, exhaustive=True if args.exhaustive else None,
+        cameras=cameras, time_window=window, exclude_same_camera=args.exclude_same_camera,
+        query_cam=args.query_cam, query_time=args.query_time, tlift=lift, aggregate=args.aggregate,
+        group_tracks=args.group_tracks,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        for res in results:
-            cam = _printable(res["cam"] or "-")
-            print(f"query {_printable(res['query'])} (pid {res['pid']}, cam {cam}); score = {kind}")
-            print(f"{'rank':>4s} {'score':>9s} {'pid':>6s} {'cam':>6s}  path")
-            for r in res["results"]:
-                cam = _printable(r["cam"] or "-")
-                print(f"{r['rank']:4d} {r['score']:9.4f} {r['pid']:6d} {cam:>6s}  {_printable(r['path'])}")
+        print(format_results(results, _printable))
     if args.html:
         from .viz.search_html import write_search_html
 
         root = gallery.root or str(Path(args.index).resolve().parent)
-        path = write_search_html(args.html, results, root, title=f"qaconv search: {Path(args.index).name}")
+        path = write_search_html(args.html, results, root, title=f"qaconv search: {Path(args.index).name}",
+                                 extractor=extractor)
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
 
 

@@ -4,7 +4,10 @@
 * :mod:`qaconv.gallery.store`: the store on disk (a LanceDB table plus a JSON file naming the model).
 * :mod:`qaconv.gallery.query`: filters, the pooled-cosine first stage and exact re-scoring over a store's rows.
 * :mod:`qaconv.gallery.search`: pooled-cosine shortlists and exact QAConv re-scoring (two-stage search).
-* :mod:`qaconv.gallery.meta`: per-image metadata (pid, camera, time) from file names or a manifest.
+* :mod:`qaconv.gallery.meta`: per-image metadata (pid, camera, time, track) from file names, camera folders
+  or a manifest.
+* :mod:`qaconv.gallery.queries`, :mod:`qaconv.gallery.results`: the queries of ``qaconv search`` (files,
+  folders, tracklets, a query manifest) and its answers (JSON-ready dicts, the text table).
 * :mod:`qaconv.gallery.identity`, :mod:`qaconv.gallery.extract`: model identity; feature maps of image files.
 * :mod:`qaconv.gallery.index`: the legacy single-file ``.npz`` index, in memory (build, load, search); its
   public names are re-exported here, so ``from qaconv.gallery import build_index`` works. Convert an old file

@@ -10,6 +10,8 @@ Example::
     g.add(["cam1/0001.jpg", "cam2/0007.jpg"], [{"cam": "1", "time": 12.0}, {"cam": "2", "time": 15.5}])
     g.add_folder("more_images")                                 # every image not in the store yet
     hits = g.search(["probe.jpg"], top=10, cameras=["2"], time_window=(0, 3600))
+    hits = g.search(crops, query_tracks=[7] * len(crops), group_by_track=True)  # a tracklet against tracklets
+    g.export("vectors/")                                        # pooled.npy + metadata.csv for a vector DB
     g.remove(before=time.time() - 30 * 86400)                   # keep 30 days
     len(g)
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +34,32 @@ import torch
 from ..errors import QAConvError
 from .extract import check_query_maps, half_maps, iter_extract, list_images
 from .identity import check_identity, model_identity
-from .meta import TIME_MANIFEST, TIME_NAME, TIME_NONE, UNKNOWN, ImageMeta, parse_name, read_gallery_manifest
-from .query import allowed_rows, hits, query_cams, query_metadata, search_rows, tlift_rows
+from .meta import (
+    TIME_MANIFEST,
+    TIME_NAME,
+    TIME_NONE,
+    UNKNOWN,
+    ImageMeta,
+    folder_meta,
+    parse_name,
+    read_gallery_manifest,
+)
+from .query import (
+    AGGREGATES,
+    allowed_rows,
+    entry,
+    hits,
+    query_cams,
+    query_metadata,
+    search_groups,
+    search_rows,
+    tlift_rows,
+)
 from .store import Store, is_store
 
 ADD_CHUNK = 4096  # images extracted and committed at a time by add_folder
-META_KEYS = {"path", "pid", "cam", "time"}
+META_KEYS = {"path", "pid", "cam", "time", "track"}
+EXPORT_FORMATS = ("csv", "parquet")
 
 
 def _is_maps(items, shape) -> bool:
@@ -46,7 +69,7 @@ def _is_maps(items, shape) -> bool:
 
 def _entry_meta(i: int, md: dict, default_path) -> tuple[str, ImageMeta]:
     """``(path, ImageMeta)`` of one metadata dict; a dict with pid, cam or time says all that is known (like a
-    manifest row), else the Market-style file name does."""
+    manifest row), else the Market-style file name does. ``track``: the tracklet label (default none)."""
     if not isinstance(md, dict):
         raise QAConvError(f"metadata {i} must be a dict with keys from {sorted(META_KEYS)}, got {type(md).__name__}")
     unknown = set(md) - META_KEYS
@@ -56,8 +79,12 @@ def _entry_meta(i: int, md: dict, default_path) -> tuple[str, ImageMeta]:
     if not isinstance(path, (str, Path)) or not str(path):
         raise QAConvError(f"metadata {i} needs a 'path' (a non-empty string naming the entry)")
     path = str(path)
+    track = md.get("track")
+    if track is not None and (isinstance(track, bool) or not isinstance(track, (str, int, np.integer))):
+        raise QAConvError(f"metadata {i} ({path}): 'track' must be a tracklet label (text or integer), got {track!r}")
+    track = "" if track is None else str(track)
     if not ({"pid", "cam", "time"} & set(md)):
-        return path, parse_name(path)
+        return path, replace(parse_name(path), track=track)
     pid, cam, t = md.get("pid", UNKNOWN), md.get("cam", ""), md.get("time")
     if isinstance(pid, bool) or not isinstance(pid, (int, np.integer)) or pid < UNKNOWN:
         raise QAConvError(f"metadata {i} ({path}): 'pid' must be an integer >= -1 (-1 = unknown), got {pid!r}")
@@ -71,7 +98,7 @@ def _entry_meta(i: int, md: dict, default_path) -> tuple[str, ImageMeta]:
         if not math.isfinite(t):
             raise QAConvError(f"metadata {i} ({path}): 'time' must be a finite number of seconds, got {md['time']!r}")
     return path, ImageMeta(int(pid), str(cam), UNKNOWN, UNKNOWN, math.nan if t is None else t,
-                           TIME_NONE if t is None else TIME_MANIFEST)
+                           TIME_NONE if t is None else TIME_MANIFEST, track)
 
 
 def _columns(paths: list[str], metas: list[ImageMeta]) -> dict:
@@ -79,7 +106,7 @@ def _columns(paths: list[str], metas: list[ImageMeta]) -> dict:
             "time": [m.time if m.time_source == TIME_MANIFEST else math.nan for m in metas],
             "session": [m.session if m.time_source == TIME_NAME else UNKNOWN for m in metas],
             "frame": [m.frame if m.time_source == TIME_NAME else UNKNOWN for m in metas],
-            "time_source": [m.time_source for m in metas]}
+            "time_source": [m.time_source for m in metas], "track": [m.track for m in metas]}
 
 
 class Gallery:
@@ -250,10 +277,12 @@ class Gallery:
         return ids.astype(np.int64)
 
     def add_folder(self, folder: str | Path, manifest: str | Path | None = None, workers: int = 2,
-                   progress: bool = True, chunk: int = ADD_CHUNK) -> dict:
+                   progress: bool = True, chunk: int = ADD_CHUNK, cam_from_folder: bool = False) -> dict:
         """Add every image under ``folder`` whose path relative to it is not in the store yet (O(new images)).
 
-        ``manifest``: optional ``path,pid,camid[,time]`` CSV overriding Market-style names; ``workers``:
+        ``manifest``: optional ``path,pid,camid[,time][,track]`` CSV overriding Market-style names (and
+        ``cam_from_folder``); ``cam_from_folder``: the camera label of an image is the name of the folder it
+        lies in (``camA/img_001.jpg`` -> ``camA``; an image directly in ``folder`` is refused); ``workers``:
         image-decoding threads (default 2); ``chunk``: images extracted and committed at a time (default
         4096; a kill keeps the chunks committed before it). Sets :attr:`root` to ``folder``. Returns a report:
         ``added``, ``skipped`` (already in the store), ``unreadable`` ([(path, reason)]), ``manifest_unmatched``.
@@ -266,6 +295,11 @@ class Gallery:
             raise QAConvError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in gallery folder {folder}")
         man = read_gallery_manifest(manifest) if manifest else None
         unmatched = len(set(man) - {str((root / p).resolve()) for p in rel}) if man else 0
+        named = folder_meta if cam_from_folder else (lambda p, _root: parse_name(p))
+        if cam_from_folder:  # refuse an image outside camera folders before any work
+            for p in rel:
+                if man is None or str((root / p).resolve()) not in man:
+                    named(p, folder)
         known = self._store.positions()
         todo = [p for p in rel if p not in known]
         report = {"added": 0, "skipped": len(rel) - len(todo), "unreadable": [], "manifest_unmatched": unmatched}
@@ -275,7 +309,7 @@ class Gallery:
             for feats, pooled, kept, bad in iter_extract(extractor, root, todo, workers, progress, chunk):
                 report["unreadable"] += bad
                 if kept:
-                    metas = [(man or {}).get(str((root / p).resolve())) or parse_name(p) for p in kept]
+                    metas = [(man or {}).get(str((root / p).resolve())) or named(p, folder) for p in kept]
                     self._store.append(_columns(kept, metas), feats, pooled)
                     report["added"] += len(kept)
         return report
@@ -353,34 +387,82 @@ class Gallery:
             labels = None if names is None else [parse_name(n).cam_label for n in names]
         return maps, names, labels
 
+    @property
+    def cameras(self) -> list[str]:
+        """The camera labels of the entries, sorted."""
+        return sorted(self._store.rows.label_ids)
+
+    def check_cameras(self, labels, what: str = "camera") -> None:
+        """Refuse camera ``labels`` (empty ones skipped) that no entry has, in one line listing the known ones."""
+        known = self._store.rows.label_ids
+        unknown = sorted({str(lab) for lab in labels if lab not in (None, "") and str(lab) not in known})
+        if unknown:
+            listed = ", ".join(sorted(known)[:20]) + (" ..." if len(known) > 20 else "") if known else "none"
+            raise QAConvError(f"{what} {', '.join(unknown[:5])} {'is' if len(unknown) == 1 else 'are'} not in the "
+                              f"store {self.path} (its cameras: {listed})")
+
+    def _exclusion(self, rows, labels, exclude, count: int):
+        """Per query a camera id whose entries are left out (-2: none), or None: ``exclude`` True needs every
+        query's camera, None (auto) leaves out the camera of each query whose camera is known."""
+        if exclude is False:
+            return None
+        known = labels is not None and all(labels)
+        if exclude and not known:
+            raise QAConvError("exclude_same_camera needs each query's camera: query_cameras= or Market-style "
+                              "query file names")
+        if labels is None or not any(labels):
+            return None
+        ids = query_cams(rows, labels)
+        return np.where([bool(lab) for lab in labels], ids, -2)[:count]
+
     def search(self, queries, top: int = 10, candidates: int = 100, *, cameras=None, time_window=None,
-               exclude_same_camera: bool = False, query_cameras=None, query_names=None,
+               exclude_same_camera: bool | None = False, query_cameras=None, query_names=None,
+               query_tracks=None, aggregate: str = "mean", group_by_track: bool = False,
                exhaustive: bool | None = None, memory: int | None = None) -> list[list[dict]]:
         """Rank the gallery for each query by QAConv: per query a list of up to ``top`` hits, best first, each
-        ``{"rank", "score" (QAConv logit), "path", "pid", "cam", "row" (entry id), "time"}``.
+        ``{"rank", "score" (QAConv logit), "path", "pid", "cam", "row" (entry id), "time", "track"}`` (None
+        where unknown).
 
         ``queries``: images (paths, PIL, arrays, tensors) or float feature maps ``[Q, C, h, w]``. ``top``: hits
         per query (default 10). ``candidates``: M, the pooled-cosine shortlist re-scored exactly (default 100).
-        ``cameras``: only entries of these camera labels; ``time_window``: ``(start, end)`` seconds, inclusive
-        (None = open end; entries without time are left out); ``exclude_same_camera``: leave out the entries of
-        each query's own camera (from ``query_cameras``, one label or one per query, else Market-style query
-        names; ``query_names``: file names standing for feature-map queries). ``exhaustive``: None (default) =
-        exhaustive when at most M entries pass the filters, True =
-        always, False = always two stages. ``memory``: bytes per matching block (default 256 MB).
+        ``cameras``: only entries of these camera labels (labels no entry has match nothing); ``time_window``:
+        ``(start, end)`` seconds, inclusive (None = open end; entries without time are left out);
+        ``exclude_same_camera``: leave out the entries of each query's own camera (from ``query_cameras``, one
+        label or one per query, else Market-style query names; ``query_names``: file names standing for
+        feature-map queries): False (default) = never, True = always (every query's camera needed), None = for
+        each query whose camera is known. ``exhaustive``: None (default) = exhaustive when at most M entries
+        pass the filters, True = always, False = always two stages. ``memory``: bytes per matching block
+        (default 256 MB).
+
+        Tracklets: ``query_tracks``: one label per query (None: the query alone); queries with the same label
+        form one tracklet query (its crops must share a camera) and the result holds one list per tracklet
+        query, in order of first appearance. ``group_by_track``: results are gallery tracklets (the entries of
+        one camera with one ``track`` label; an entry without track stands alone), not crops. A pair's score
+        is the ``aggregate`` (``"mean"``, default, or ``"max"``) of the logits of its crop pairs; with either
+        option each hit adds ``"crops"`` (gallery crops aggregated), ``"query_crop"`` (index in ``queries``
+        of the crop of the best pair) and ``"pair_score"`` (that pair's logit); ``path``, ``row`` ... name the
+        gallery crop of the best pair. With tracklets, two stages score every crop pair of the union of the
+        query crops' shortlists (widened to whole gallery tracklets).
         """
         rows = self._store.rows
         maps, _, labels = self._queries(queries, query_cameras, query_names)
-        q_cams = None
-        if exclude_same_camera:
-            if labels is None or any(not lab for lab in labels):
-                raise QAConvError("exclude_same_camera needs each query's camera: query_cameras= or Market-style "
-                                  "query file names")
-            q_cams = query_cams(rows, labels)
+        top, candidates = _check_top(top), _check_top(candidates, "candidates")
         allowed = allowed_rows(rows, cameras, time_window)
-        scores, pos = search_rows(rows, self._store.take, self.extractor.matcher, maps, _check_top(top),
-                                  _check_top(candidates, "candidates"), allowed, q_cams, exhaustive,
-                                  self._device, memory)
-        return hits(rows, scores, pos)
+        if query_tracks is None and not group_by_track:
+            q_cams = self._exclusion(rows, labels, exclude_same_camera, len(maps))
+            scores, pos = search_rows(rows, self._store.take, self.extractor.matcher, maps, top, candidates, allowed,
+                                      q_cams, exhaustive, self._device, memory)
+            return hits(rows, scores, pos)
+        if aggregate not in AGGREGATES:
+            raise QAConvError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+        gid, firsts = query_groups(query_tracks, len(maps))
+        group_labels = None if labels is None else _group_cameras(labels, gid, len(firsts), query_tracks)
+        q_cams = self._exclusion(rows, group_labels, exclude_same_camera, len(firsts))
+        ranked = search_groups(rows, self._store.take, self.extractor.matcher, maps, gid, q_cams, top, candidates,
+                               allowed, bool(group_by_track), aggregate, exhaustive, self._device, memory)
+        times = rows.times
+        return [[{"rank": r + 1, "score": sc, **entry(rows, g, times), "crops": n, "query_crop": qc,
+                  "pair_score": ps} for r, (sc, g, qc, ps, n) in enumerate(found)] for found in ranked]
 
     def query_metadata(self, names, cam_labels=None, times=None):
         """``(pids, cam ids, cam labels, times, gallery times)`` of queries named ``names`` (see
@@ -390,7 +472,7 @@ class Gallery:
     def tlift_search(self, queries, top: int = 10, candidates: int = 100, *, query_cameras=None,
                      query_times=None, query_names=None, tau: float = 100.0, sigma: float = 200.0, tlift_k: int = 10,
                      alpha: float = 0.2, cameras=None, time_window=None, exhaustive: bool | None = None,
-                     memory: int | None = None) -> list[list[dict]]:
+                     memory: int | None = None, exclude_same_camera: bool | None = False) -> list[list[dict]]:
         """Rank by TLift-lifted similarity (QAConv logits -> sigma(logit), lifted by camera / time co-occurrence,
         :func:`qaconv.tlift.tlift`); hits as :meth:`search` with ``score`` the lifted similarity.
 
@@ -401,6 +483,8 @@ class Gallery:
         official code): ``tau`` co-occurrence window (100 s), ``sigma`` Gaussian width (200 s), ``tlift_k``
         (10), ``alpha`` regulariser (0.2). Over every entry passing the filters when ``exhaustive`` (None =
         when at most ``candidates`` pass), else over the union of the queries' pooled-cosine shortlists.
+        ``exclude_same_camera`` (as :meth:`search`): same-camera entries are dropped from a query's ranking
+        after lifting (as re-ID evaluation does); they still count as TLift's pivots.
         """
         rows = self._store.rows
         maps, names, labels = self._queries(queries, query_cameras, query_names)
@@ -411,11 +495,92 @@ class Gallery:
                 raise QAConvError(f"query_times needs one value or {n} (one per query), got {len(query_times)}")
         names = names if names is not None else [""] * n
         _, q_cams, labels, q_times, g_times = query_metadata(rows, names, labels, query_times)
+        excluded = self._exclusion(rows, labels, exclude_same_camera, n)
         allowed = allowed_rows(rows, cameras, time_window)
         scores, pos = tlift_rows(rows, self._store.take, self.extractor.matcher, maps, q_cams, q_times, g_times,
                                  _check_top(top), _check_top(candidates, "candidates"), allowed, exhaustive,
-                                 self._device, memory, tau, sigma, tlift_k, alpha)
+                                 self._device, memory, tau, sigma, tlift_k, alpha, excluded)
         return hits(rows, scores, pos)
+
+
+    # -- export -----------------------------------------------------------------------------------------------
+    def export(self, folder: str | Path, format: str = "csv") -> dict:
+        """Write the pooled vectors and the metadata for a vector database of one's own: ``folder/pooled.npy``
+        (float32 ``[N, C]``, unit L2 norm: the first search stage's vectors, cosine = dot product) and
+        ``folder/metadata.csv`` (``format="parquet"``: ``metadata.parquet``), row i describing vector i:
+        ``row`` (the entry's stable id), ``path``, ``pid``, ``camera``, ``time`` (seconds), ``track``; unknown
+        values are empty cells (Parquet: nulls). Each file is written atomically. Returns ``{"pooled",
+        "metadata", "entries"}``."""
+        import csv
+        import io
+
+        from ..atomic import atomic_write
+
+        if format not in EXPORT_FORMATS:
+            raise QAConvError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise QAConvError(f"{folder} exists and is not a folder: name a folder for pooled.npy and the metadata")
+        rows = self._store.rows
+        times = rows.times
+        cols = {"row": rows.ids.astype(np.int64).tolist(), "path": list(rows.paths[: rows.n]),
+                "pid": [int(p) if p >= 0 else None for p in rows.pids],
+                "camera": [rows.label(c) or None for c in rows.cams],
+                "time": [float(t) if np.isfinite(t) else None for t in times],
+                "track": [t or None for t in rows.tracks[: rows.n]]}
+        pooled = atomic_write(folder / "pooled.npy", lambda f: np.save(f, np.ascontiguousarray(rows.pooled,
+                                                                                                np.float32)))
+        if format == "csv":
+            text = io.StringIO()
+            w = csv.writer(text, lineterminator="\n")
+            w.writerow(list(cols))
+            w.writerows([["" if v is None else repr(v) if isinstance(v, float) else v for v in r]
+                         for r in zip(*cols.values(), strict=True)])
+            meta = atomic_write(folder / "metadata.csv", lambda f: f.write(text.getvalue().encode("utf-8")))
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            types = {"row": pa.int64(), "path": pa.string(), "pid": pa.int64(), "camera": pa.string(),
+                     "time": pa.float64(), "track": pa.string()}
+            table = pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
+            meta = atomic_write(folder / "metadata.parquet", lambda f: pq.write_table(table, f))
+        return {"pooled": pooled, "metadata": meta, "entries": rows.n}
+
+
+def query_groups(query_tracks, n: int) -> tuple[np.ndarray, list[int]]:
+    """``(group per query [n] int64, first query of each group)``: queries with the same ``query_tracks`` label
+    form a group, a None label a group of its own; groups are numbered by first appearance."""
+    if query_tracks is None:
+        return np.arange(n, dtype=np.int64), list(range(n))
+    tracks = list(query_tracks) if not isinstance(query_tracks, (str, bytes)) else None
+    if tracks is None or len(tracks) != n:
+        raise QAConvError(f"query_tracks needs one label per query ({n}), got "
+                          f"{'a string' if tracks is None else len(tracks)}")
+    seen: dict = {}
+    gid = np.empty(n, dtype=np.int64)
+    firsts = []
+    for i, t in enumerate(tracks):
+        key = ("#alone", i) if t is None else ("track", t)
+        if key not in seen:
+            seen[key] = len(firsts)
+            firsts.append(i)
+        gid[i] = seen[key]
+    return gid, firsts
+
+
+def _group_cameras(labels, gid, count: int, tracks) -> list[str]:
+    """The camera label of each query group: its crops' (one, or unknown ''); a group of several cameras is
+    refused."""
+    out = []
+    for g in range(count):
+        cams = {labels[i] for i in np.flatnonzero(gid == g)} - {""}
+        if len(cams) > 1:
+            first = int(np.flatnonzero(gid == g)[0])
+            raise QAConvError(f"query tracklet {tracks[first]!r} mixes cameras {', '.join(sorted(cams))}: "
+                              "a tracklet is one camera's")
+        out.append(cams.pop() if cams else "")
+    return out
 
 
 def _check_top(value, name: str = "top") -> int:

@@ -3,9 +3,10 @@
 A Market-style name (``0002_c1s1_000451_03.jpg``) gives pid 2, camera label ``c1``, session 1 and frame
 451; its time stamp is the frame number, shifted by the chained session offsets of its camera
 (:func:`qaconv.data.market.market_session_offsets`, official convention), over 25 fps. A gallery manifest
-is a CSV with columns ``path,pid,camid[,time]`` (``path`` relative to the CSV's folder or absolute; other
-columns ignored); its rows override what the names say. Camera labels map to integer ids with
-:func:`assign_cam_ids`.
+is a CSV with columns ``path,pid,camid[,time][,track]`` (``path`` relative to the CSV's folder or absolute;
+other columns ignored); its rows override what the names say. With ``cam_from_folder`` the camera label is
+the name of the folder an image lies in (``camA/img_001.jpg`` -> ``camA``, :func:`folder_meta`). Camera
+labels map to integer ids with :func:`assign_cam_ids`.
 
 Example::
 
@@ -33,7 +34,8 @@ TIME_NONE, TIME_NAME, TIME_MANIFEST = 0, 1, 2  # where an image's time stamp com
 
 @dataclass(frozen=True)
 class ImageMeta:
-    """What is known of one image; -1 / '' / NaN when unknown. ``time`` is only set from a manifest."""
+    """What is known of one image; -1 / '' / NaN when unknown. ``time`` is only set from a manifest; ``track``:
+    the tracklet label ('' none)."""
 
     pid: int = UNKNOWN
     cam_label: str = ""
@@ -41,6 +43,7 @@ class ImageMeta:
     frame: int = UNKNOWN
     time: float = math.nan
     time_source: int = TIME_NONE
+    track: str = ""
 
 
 def parse_name(name: str) -> ImageMeta:
@@ -49,6 +52,22 @@ def parse_name(name: str) -> ImageMeta:
     if m is None:
         return ImageMeta()
     return ImageMeta(int(m.group(1)), f"c{m.group(2)}", int(m.group(3)), int(m.group(4)), math.nan, TIME_NAME)
+
+
+def folder_camera(rel: str, root="the gallery folder") -> str:
+    """The camera label of an image from its folder: the immediate parent folder of the '/'-relative path
+    ``rel`` (``camA/img_001.jpg`` -> ``camA``); an image directly in ``root`` is refused."""
+    parts = rel.split("/")
+    if len(parts) < 2:
+        raise QAConvError(f"--cam-from-folder: {rel} lies directly in {root}, not in a camera folder "
+                          "(expected ROOT/CAMERA/image.jpg)")
+    return parts[-2]
+
+
+def folder_meta(rel: str, root="the gallery folder") -> ImageMeta:
+    """Metadata of an image whose camera is its folder (:func:`folder_camera`): the pid of a Market-style name
+    is kept, its name time is not (that needs the name's camera)."""
+    return ImageMeta(parse_name(rel).pid, folder_camera(rel, root))
 
 
 def market_times(cam_labels, sessions, frames, sources) -> np.ndarray:
@@ -86,10 +105,10 @@ def market_times_by_number(cam_numbers, sessions, frames, sources) -> np.ndarray
 
 
 def read_gallery_manifest(csv_path: str | Path) -> dict[str, ImageMeta]:
-    """Rows of a ``path,pid,camid[,time]`` CSV keyed by the image's resolved absolute path.
+    """Rows of a ``path,pid,camid[,time][,track]`` CSV keyed by the image's resolved absolute path.
 
-    pid ``-1`` means unknown; an empty ``time`` cell means no time. Problems raise :class:`QAConvError`
-    naming ``file:line`` and the column.
+    pid ``-1`` means unknown; an empty ``time`` cell means no time, an empty ``track`` cell no tracklet.
+    Problems raise :class:`QAConvError` naming ``file:line`` and the column.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -102,9 +121,10 @@ def read_gallery_manifest(csv_path: str | Path) -> dict[str, ImageMeta]:
             missing = [c for c in REQUIRED if c not in header]
             if missing:
                 raise QAConvError(
-                    f"{csv_path}:1: missing column(s) {', '.join(missing)}; expected a header 'path,pid,camid[,time]'"
+                    f"{csv_path}:1: missing column(s) {', '.join(missing)}; expected a header "
+                    "'path,pid,camid[,time][,track]'"
                 )
-            idx = {c: header.index(c) for c in (*REQUIRED, "time") if c in header}
+            idx = {c: header.index(c) for c in (*REQUIRED, "time", "track") if c in header}
             for fields in reader:
                 if not any(f.strip() for f in fields):
                     continue
@@ -134,7 +154,7 @@ def read_gallery_manifest(csv_path: str | Path) -> dict[str, ImageMeta]:
                 key = str((path if path.is_absolute() else csv_path.parent / path).resolve())
                 if key in out:
                     raise QAConvError(f"{csv_path}:{line}: image {cell['path']} is listed twice")
-                out[key] = ImageMeta(pid, cell["camid"], UNKNOWN, UNKNOWN, time, source)
+                out[key] = ImageMeta(pid, cell["camid"], UNKNOWN, UNKNOWN, time, source, cell.get("track", ""))
     except UnicodeDecodeError as exc:
         raise QAConvError(f"{csv_path}: not a UTF-8 text file ({exc.reason})") from None
     except csv.Error as exc:

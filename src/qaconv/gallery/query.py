@@ -11,6 +11,10 @@ function that reads the float16 maps of given row positions, so only the rows th
   stages: the ``candidates`` (M) allowed rows of best pooled cosine (a matrix product over the in-memory
   pooled vectors, blocks of :data:`FIRST_STAGE_BLOCK`), then exact QAConv logits of those M by
   :func:`qaconv.gallery.search._rescore` (the folded head), for :data:`RESCORE_QUERIES` queries at a time.
+* Tracklets (:func:`search_groups`): a query may be a group of crops and the results groups of entries (one
+  camera, one track label); a group pair's score is the max or mean of the exact logits of its crop pairs.
+  Two stages here: each query crop's M best by pooled cosine, the union per query, widened to whole gallery
+  tracklets when results are tracklets, then every crop pair of that union scored exactly.
 """
 
 from __future__ import annotations
@@ -205,13 +209,15 @@ def search_rows(rows, take: Take, head, query_maps: torch.Tensor, k: int = 10, c
 def tlift_rows(rows, take: Take, head, query_maps: torch.Tensor, q_cams, q_times, g_times, k: int = 10,
                candidates: int = 100, allowed: np.ndarray | None = None, exhaustive: bool | None = None,
                device=None, memory: int | None = None, tau: float = 100.0, sigma: float = 200.0,
-               tlift_k: int = 10, alpha: float = 0.2):
+               tlift_k: int = 10, alpha: float = 0.2, exclude_cams=None):
     """Top-``k`` allowed rows by TLift-lifted similarity: ``(lifted [Q, k] float64, positions [Q, k] int64)``.
 
     QAConv logits are mapped to sigma(logit), as the official TLift docstring prescribes for raw QAConv
     scores, and lifted with :func:`qaconv.tlift.tlift` using the query cameras / times and the rows' cameras
     and ``g_times``. Over all allowed rows when ``exhaustive`` (or None and at most ``candidates`` are allowed),
     else over the union of the queries' pooled-cosine shortlists (exact when pivots and ranks fall inside it).
+    ``exclude_cams``: per query a camera id whose rows are left out of its ranking after lifting (as re-ID
+    evaluation drops same-camera entries; -2: none); positions past a query's remaining rows are -1.
     """
     from ..engine.evaluator import logit_to_similarity
     from ..tlift import tlift
@@ -239,21 +245,135 @@ def tlift_rows(rows, take: Take, head, query_maps: torch.Tensor, q_cams, q_times
                              for c in range(0, len(positions), EXHAUSTIVE_BLOCK)], axis=1)
     lifted = tlift(logit_to_similarity(logits, scale=1.0), q_cams, q_times, rows.cams[positions],
                    g_times[positions], tau=tau, sigma=sigma, k=tlift_k, alpha=alpha)
+    if exclude_cams is not None:
+        same = rows.cams[positions][None, :] == np.asarray(exclude_cams, dtype=np.int64)[:, None]
+        lifted = np.where(same, -np.inf, lifted)
     order = np.argsort(-lifted, axis=1, kind="stable")[:, : min(int(k), len(positions))]
-    return np.take_along_axis(lifted, order, axis=1), positions[order]
+    top = np.take_along_axis(lifted, order, axis=1)
+    return top, np.where(np.isfinite(top), positions[order], -1)
+
+
+def entry(rows, g: int, times=None) -> dict:
+    """What is known of the row at position ``g``, JSON-ready: path, pid, cam (label), row (the entry's stable
+    id), time (seconds), track; unknown values are None."""
+    times = rows.times if times is None else times
+    pid = int(rows.pids[g])
+    return {"path": str(rows.paths[g]), "pid": pid if pid >= 0 else None, "cam": rows.label(rows.cams[g]) or None,
+            "row": int(rows.ids[g]), "time": float(times[g]) if np.isfinite(times[g]) else None,
+            "track": rows.tracks[g] or None}
 
 
 def hits(rows, scores: np.ndarray, positions: np.ndarray) -> list[list[dict]]:
-    """Per query, its results as JSON-ready dicts: rank (1-based), score, path, pid, cam (label), row (the
-    entry's stable id), time (seconds or None); padding (-1) left out."""
+    """Per query, its results as JSON-ready dicts: rank (1-based), score, then :func:`entry` (path, pid, cam,
+    row, time, track; None when unknown); padding (-1) left out."""
     times = rows.times
+    return [[{"rank": r + 1, "score": float(s), **entry(rows, g, times)}
+             for r, (s, g) in enumerate(zip(srow, prow, strict=True)) if g >= 0]
+            for srow, prow in zip(scores, positions, strict=True)]
+
+
+# -- tracklets ------------------------------------------------------------------------------------------------------
+AGGREGATES = ("mean", "max")
+
+
+def _reduce(values: np.ndarray, gid: np.ndarray, how: str) -> np.ndarray:
+    """``values`` [A, B] reduced over axis 0 by the group ids ``gid`` [A] (0..G-1, each present): [G, B]."""
+    order = np.argsort(gid, kind="stable")
+    sgid = gid[order]
+    starts = np.flatnonzero(np.r_[True, sgid[1:] != sgid[:-1]])
+    v = values[order]
+    if how == "max":
+        return np.maximum.reduceat(v, starts, axis=0)
+    counts = np.diff(np.r_[starts, len(sgid)])
+    with np.errstate(invalid="ignore"):
+        return np.add.reduceat(v.astype(np.float64), starts, axis=0) / counts[:, None]
+
+
+def _over_queries(s: np.ndarray, q_gid: np.ndarray, nq: int, how: str):
+    """Logits ``s`` [A crops, B rows] -> (aggregated [nq, B], best crop logit [nq, B], its crop index [nq, B])."""
+    best_i = np.empty((nq, s.shape[1]), dtype=np.int64)
+    best = np.empty((nq, s.shape[1]), dtype=np.float32)
+    for g in range(nq):
+        idx = np.flatnonzero(q_gid == g)
+        j = s[idx].argmax(axis=0)
+        best_i[g], best[g] = idx[j], s[idx[j], np.arange(s.shape[1])]
+    agg = best if how == "max" else _reduce(s, q_gid, how).astype(np.float32)
+    return agg, best, best_i
+
+
+def _rank(agg, best, best_i, positions, g_gid, how, k, excluded):
+    """One query group's top-``k`` gallery groups among ``positions``: [(score, best position, best crop,
+    best pair logit, crops)]."""
+    keep = ~excluded
+    if not keep.any():
+        return []
+    agg, best, best_i, positions = agg[keep], best[keep], best_i[keep], positions[keep]
+    local, inverse = np.unique(g_gid[positions], return_inverse=True)
+    inverse = inverse.reshape(-1)
+    score = _reduce(agg[:, None], inverse, how)[:, 0]
+    counts = np.bincount(inverse, minlength=len(local))
     out = []
-    for srow, prow in zip(scores, positions, strict=True):
-        out.append([
-            {"rank": r + 1, "score": float(s), "path": str(rows.paths[g]), "pid": int(rows.pids[g]),
-             "cam": rows.label(rows.cams[g]), "row": int(rows.ids[g]),
-             "time": float(times[g]) if np.isfinite(times[g]) else None}
-            for r, (s, g) in enumerate(zip(srow, prow, strict=True)) if g >= 0
-        ])
+    for h in np.argsort(-score, kind="stable")[:k]:
+        cols = np.flatnonzero(inverse == h)
+        c = cols[best[cols].argmax()]
+        out.append((float(score[h]), int(positions[c]), int(best_i[c]), float(best[c]), int(counts[h])))
+    return out
+
+
+@torch.inference_mode()
+def search_groups(rows, take: Take, head, query_maps: torch.Tensor, q_gid: np.ndarray, q_cams, k: int = 10,
+                  candidates: int = 100, allowed: np.ndarray | None = None, by_track: bool = False,
+                  how: str = "mean", exhaustive: bool | None = None, device=None, memory: int | None = None):
+    """Top-``k`` gallery groups per query group: per group of query crops (``q_gid`` [A]: 0..G-1 per crop), a list
+    of ``(score, best row position, best query crop, best pair logit, crops aggregated)``, best first.
+
+    Gallery groups are the rows' tracklets (:attr:`Rows.groups`) when ``by_track``, else single rows. A group
+    pair's score is the ``how`` (``mean`` or ``max``) of the exact logits of its crop pairs (crops passing the
+    filters). ``q_cams``: per query group a camera id whose rows are left out (-2: none). ``exhaustive`` as
+    :func:`search_rows`; else the union of the query crops' ``candidates`` best allowed rows by pooled cosine,
+    widened to whole tracklets when ``by_track``, is scored exactly.
+    """
+    if how not in AGGREGATES:
+        raise QAConvError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {how!r}")
+    if k < 1 or candidates < 1:
+        raise QAConvError(f"top and candidates must be >= 1, got {k} and {candidates}")
+    allowed = np.ones(rows.n, dtype=bool) if allowed is None else allowed
+    q_gid = np.asarray(q_gid, dtype=np.int64)
+    nq = int(q_gid.max()) + 1 if len(q_gid) else 0
+    q_cams = np.full(nq, -2, dtype=np.int64) if q_cams is None else np.asarray(q_cams, dtype=np.int64)
+    positions = np.flatnonzero(allowed)
+    if len(positions) == 0 or nq == 0:
+        return [[] for _ in range(nq)]
+    q = query_maps.float()
+    dev = pick_device(device)
+    engine = Matcher(head, dev, memory=int(DEFAULT_MEMORY if memory is None else memory))
+    g_gid = rows.groups[0] if by_track else np.arange(rows.n)
+
+    def scored(crops, pos):
+        parts = [_over_queries(engine.scores(q[crops], torch.from_numpy(take(rows, pos[b0 : b0 + EXHAUSTIVE_BLOCK]))
+                                             .float()).float().cpu().numpy(),
+                               np.searchsorted(np.unique(q_gid[crops]), q_gid[crops]), len(np.unique(q_gid[crops])),
+                               how) for b0 in range(0, len(pos), EXHAUSTIVE_BLOCK)]
+        return [np.concatenate([p[i] for p in parts], axis=1) for i in range(3)]
+
+    out = []
+    if exhaustive or (exhaustive is None and len(positions) <= candidates):
+        agg, best, best_i = scored(np.arange(len(q)), positions)
+        cams = rows.cams[positions]
+        for g in range(nq):
+            out.append(_rank(agg[g], best[g], best_i[g], positions, g_gid, how, k, cams == q_cams[g]))
+        return out
+    m = min(candidates, len(positions))
+    for g in range(nq):
+        crops = np.flatnonzero(q_gid == g)
+        cand, valid = first_stage(rows, q[crops], m, allowed, np.full(len(crops), q_cams[g]))
+        pos = np.unique(cand[valid])
+        if by_track and len(pos):
+            pos = positions[np.isin(g_gid[positions], g_gid[pos])]
+        if not len(pos):
+            out.append([])
+            continue
+        agg, best, best_i = scored(crops, pos)
+        out.append(_rank(agg[0], best[0], crops[best_i[0]], pos, g_gid, how, k, rows.cams[pos] == q_cams[g]))
     return out
 

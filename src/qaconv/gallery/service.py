@@ -4,16 +4,21 @@ The model and the store are opened once. JSON in and out; every error is a 4xx/5
 
 * ``GET /health``: ``{"status": "ok", "entries", "feature_shape", "model"}``.
 * ``POST /search``: ``{"paths": [...], "top": 10, "candidates": 100, "cameras": null, "time_window": null,
-  "exclude_same_camera": false, "query_cameras": null}``; images read from the image root.
-* ``POST /search/upload``: multipart ``files`` (images) and the same options as form fields (``cameras`` and
-  ``query_cameras`` comma-separated, ``time_window`` as ``start,end``).
-* ``POST /add``: ``{"entries": [{"path", "pid", "cam", "time"}]}``, images read from the image root; the
-  entry's name is its path relative to the root.
-* ``POST /add/upload``: multipart ``files`` and ``metadata`` (a JSON list of ``{"path", "pid", "cam", "time"}``,
-  one per file; ``path`` is the entry's unique name, default the upload's file name).
+  "exclude_same_camera": false, "query_cameras": null, "query_tracks": null, "aggregate": "mean",
+  "group_by_track": false}``; images read from the image root. ``exclude_same_camera``: false, true or null
+  (for each query whose camera is known); ``query_tracks``: one label per path (null: alone), equal labels
+  forming one tracklet query; ``group_by_track``: results are gallery tracklets (see :meth:`Gallery.search`).
+* ``POST /search/upload``: multipart ``files`` (images) and the same options as form fields (``cameras``,
+  ``query_cameras`` and ``query_tracks`` comma-separated, ``time_window`` as ``start,end``).
+* ``POST /add``: ``{"entries": [{"path", "pid", "cam", "time", "track"}]}``, images read from the image root;
+  the entry's name is its path relative to the root.
+* ``POST /add/upload``: multipart ``files`` and ``metadata`` (a JSON list of ``{"path", "pid", "cam", "time",
+  "track"}``, one per file; ``path`` is the entry's unique name, default the upload's file name).
 
-Search answers ``{"results": [{"query": name, "hits": [{"rank", "score", "path", "pid", "cam", "row",
-"time"}]}]}`` (``score``: the QAConv logit). Safety: images "by path" only under the ``image_root`` the operator
+Search answers ``{"score_kind": "QAConv logit" (or "mean|max of the QAConv logits of crop pairs"), "results":
+[{"query": name, "crops": [names], "hits": [{"rank", "score", "path", "pid", "cam", "row", "time", "track"}]}]}``,
+one result per query or tracklet query (``query``: its first crop's name); numbers are numbers, unknown values
+null, as in ``qaconv search --json``. Safety: images "by path" only under the ``image_root`` the operator
 names (resolved, so neither ``..`` nor a symlink leads out; without a root, by-path requests are refused);
 uploads over ``max_upload_bytes`` get 413, non-images 415, unknown fields 422, a path already in the store 409;
 adds are serialised by a lock (searches run concurrently with them and see the store before or after an add).
@@ -25,7 +30,7 @@ import io
 import json
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -50,8 +55,11 @@ class SearchRequest(_Strict):
     candidates: int = Field(100, ge=1, le=1_000_000)
     cameras: list[str] | None = None
     time_window: tuple[float | None, float | None] | None = None
-    exclude_same_camera: bool = False
+    exclude_same_camera: bool | None = False
     query_cameras: list[str] | None = None
+    query_tracks: list[str | None] | None = None
+    aggregate: Literal["mean", "max"] = "mean"
+    group_by_track: bool = False
 
 
 class Entry(_Strict):
@@ -59,6 +67,7 @@ class Entry(_Strict):
     pid: int | None = None
     cam: str | None = None
     time: float | None = None
+    track: str | None = None
 
 
 class AddRequest(_Strict):
@@ -162,10 +171,28 @@ def create_app(gallery: Gallery, image_root: str | Path | None = None,
     async def _http(request: Request, exc: HTTPException):
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
-    def search(images, names, top, candidates, cameras, window, exclude, query_cameras) -> dict:
+    def search(images, names, top, candidates, cameras, window, exclude, query_cameras, tracks=None,
+               aggregate="mean", by_track=False) -> dict:
+        from .api import query_groups
+        from .results import LOGIT_KIND
+
+        if tracks is not None and len(tracks) != len(names):
+            raise ServiceError(422, f"query_tracks needs one label per query ({len(names)}), got {len(tracks)}")
+        tracks = None if tracks is None else [t or None for t in tracks]
+        grouped = tracks is not None or by_track
+        extra = dict(query_tracks=tracks, aggregate=aggregate, group_by_track=by_track) if grouped else {}
         hits = gallery.search(images, top=top, candidates=candidates, cameras=cameras, time_window=window,
-                              exclude_same_camera=exclude, query_cameras=query_cameras, query_names=names)
-        return {"results": [{"query": n, "hits": h} for n, h in zip(names, hits, strict=True)]}
+                              exclude_same_camera=exclude, query_cameras=query_cameras, query_names=names, **extra)
+        gid, firsts = query_groups(tracks, len(names))
+        results = []
+        for g, (first, h) in enumerate(zip(firsts, hits, strict=True)):
+            for hit in h:
+                if "query_crop" in hit:
+                    hit["query_crop"] = names[hit["query_crop"]]
+            results.append({"query": names[first], "crops": [names[i] for i in range(len(names)) if gid[i] == g],
+                            "hits": h})
+        kind = f"{aggregate} of the QAConv logits of crop pairs" if grouped else LOGIT_KIND
+        return {"score_kind": kind, "results": results}
 
     @app.get("/health")
     def health() -> dict:
@@ -176,20 +203,23 @@ def create_app(gallery: Gallery, image_root: str | Path | None = None,
     def search_paths(req: SearchRequest) -> dict:
         images = [_read_file(resolve_under(root, p), max_upload_bytes) for p in req.paths]
         return search(images, req.paths, req.top, req.candidates, req.cameras, req.time_window,
-                      req.exclude_same_camera, req.query_cameras)
+                      req.exclude_same_camera, req.query_cameras, req.query_tracks, req.aggregate, req.group_by_track)
 
     @app.post("/search/upload")
     async def search_upload(files: Annotated[list[UploadFile], File()], top: Annotated[int, Form(ge=1)] = 10,
                             candidates: Annotated[int, Form(ge=1)] = 100, cameras: Annotated[str, Form()] = "",
                             time_window: Annotated[str, Form()] = "",
                             exclude_same_camera: Annotated[bool, Form()] = False,
-                            query_cameras: Annotated[str, Form()] = "") -> dict:
+                            query_cameras: Annotated[str, Form()] = "", query_tracks: Annotated[str, Form()] = "",
+                            aggregate: Annotated[Literal["mean", "max"], Form()] = "mean",
+                            group_by_track: Annotated[bool, Form()] = False) -> dict:
         images = await _read_uploads(files, max_upload_bytes)
         names = [f.filename or f"upload{i}" for i, f in enumerate(files)]
         from starlette.concurrency import run_in_threadpool
 
         return await run_in_threadpool(search, images, names, top, candidates, _csv(cameras), _window(time_window),
-                                       exclude_same_camera, _csv(query_cameras))
+                                       exclude_same_camera, _csv(query_cameras), _csv(query_tracks), aggregate,
+                                       group_by_track)
 
     def add(images, entries: list[dict]) -> dict:
         with write_lock:
@@ -230,7 +260,7 @@ def _upload_entries(metadata: str, filenames: list[str]) -> list[dict]:
     out = []
     for md, name in zip(raw, filenames, strict=True):
         if not isinstance(md, dict):
-            raise ServiceError(422, "each metadata item must be an object {path, pid, cam, time}")
+            raise ServiceError(422, "each metadata item must be an object {path, pid, cam, time, track}")
         try:
             entry = Entry(**{"path": name, **md})
         except Exception as exc:

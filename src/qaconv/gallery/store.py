@@ -15,11 +15,14 @@ Layout of a store folder ``STORE/``:
 Columns, one row per image: ``path`` (string, unique; relative to ``root`` when ``qaconv index`` made it),
 ``pid`` (int64, -1 unknown), ``cam`` (int64 id, -1 unknown), ``cam_label`` (string, '' unknown; one id per
 label), ``time`` (float64 seconds from a manifest or the caller, NaN otherwise), ``session`` and ``frame`` (int64,
-Market-style names, -1 otherwise), ``time_source`` (int8, :mod:`qaconv.gallery.meta` ``TIME_*``), ``pooled``
+Market-style names, -1 otherwise), ``time_source`` (int8, :mod:`qaconv.gallery.meta` ``TIME_*``), ``track``
+(string, '' none: the tracklet label; a tracklet is the entries of one camera with one label), ``pooled``
 (fixed-size list of C float32: the unit L2-normalised average-pooled fp16 map) and ``features``
 (fixed-size binary of 2*C*h*w bytes: the map in float16, little-endian, C-order ``[C, h, w]``). Times of
 Market-style names are not stored: they are chained over the store's names when it is read
-(:func:`qaconv.gallery.meta.market_times`), so appending never rewrites a row.
+(:func:`qaconv.gallery.meta.market_times`), so appending never rewrites a row. A store written before the
+``track`` column existed opens as it is (no entry has a track) and takes appends without tracks; storing
+tracks in it is refused naming the command that rebuilds it.
 
 In memory, :class:`Rows` holds every column but the feature maps (about 0.6 KB per entry at C = 128), for the
 first search stage and the filters; :meth:`Store.take` reads the maps of the rows that are re-scored.
@@ -54,7 +57,8 @@ FORMAT = "qaconv-gallery-store-1"
 SIDECAR = "qaconv-gallery.json"
 TABLE = "gallery"
 LOCK = ".write.lock"
-META_COLUMNS = ("path", "pid", "cam", "cam_label", "time", "session", "frame", "time_source")
+META_COLUMNS = ("path", "pid", "cam", "cam_label", "time", "session", "frame", "time_source", "track")
+OLD_META_COLUMNS = META_COLUMNS[:-1]  # stores written before tracklets
 TAKE_BLOCK = 4096  # feature maps read per Lance take
 OPTIONS = {"new_table_enable_stable_row_ids": "true"}
 
@@ -66,8 +70,9 @@ def _lancedb():
     return lancedb
 
 
-def schema(feature_shape, model_hash: str):
-    """The Arrow schema of a store's table for maps ``(C, h, w)`` (see the module docstring)."""
+def schema(feature_shape, model_hash: str, tracks: bool = True):
+    """The Arrow schema of a store's table for maps ``(C, h, w)`` (see the module docstring); ``tracks``
+    False: the schema of stores written before the ``track`` column."""
     import pyarrow as pa
 
     c, h, w = (int(s) for s in feature_shape)
@@ -81,6 +86,7 @@ def schema(feature_shape, model_hash: str):
             pa.field("session", pa.int64(), nullable=False),
             pa.field("frame", pa.int64(), nullable=False),
             pa.field("time_source", pa.int8(), nullable=False),
+            *([pa.field("track", pa.string(), nullable=False)] if tracks else []),
             pa.field("pooled", pa.list_(pa.float32(), c), nullable=False),
             pa.field("features", pa.binary(2 * c * h * w), nullable=False),
         ],
@@ -178,7 +184,8 @@ class Rows:
 
     ``ids``: stable entry ids (Lance row ids); ``paths``: a list whose first ``n`` items are this view's; ``cams``
     integer ids, ``cam_labels`` id -> label; ``stored_times``: manifest / caller times (NaN else); ``pooled``:
-    ``[n, C]`` unit vectors. :attr:`times` adds the chained Market-name times.
+    ``[n, C]`` unit vectors; ``tracks``: a list like ``paths`` of tracklet labels ('' none). :attr:`times`
+    adds the chained Market-name times.
     """
 
     version: int
@@ -192,6 +199,7 @@ class Rows:
     frames: np.ndarray
     sources: np.ndarray
     pooled: np.ndarray
+    tracks: list = field(default_factory=list)
     cam_labels: dict = field(default_factory=dict)
     _open: object = None  # version -> pinned Lance table
 
@@ -228,7 +236,24 @@ class Rows:
         cols = {k: getattr(self, k)[idx] for k in (*NUMERIC, "pooled")}
         cams = set(cols["cams"].tolist())
         labels = {c: lab for c, lab in self.cam_labels.items() if c in cams}
-        return Rows(version, len(idx), paths=[self.paths[i] for i in idx], cam_labels=labels, _open=self._open, **cols)
+        return Rows(version, len(idx), paths=[self.paths[i] for i in idx], tracks=[self.tracks[i] for i in idx],
+                    cam_labels=labels, _open=self._open, **cols)
+
+    def track(self, position: int) -> str:
+        """The tracklet label of the row at ``position`` ('' none)."""
+        return self.tracks[position]
+
+    @cached_property
+    def groups(self) -> tuple[np.ndarray, int]:
+        """``(group index per row [n] int64, number of groups)``: a tracklet (one camera, one track label) is
+        one group, every row without a track a group of its own; groups are numbered by first row."""
+        out = np.empty(self.n, dtype=np.int64)
+        seen: dict = {}
+        for i in range(self.n):
+            t = self.tracks[i]
+            key = (int(self.cams[i]), t) if t else i
+            out[i] = seen.setdefault(key, len(seen))
+        return out, len(seen)
 
 
 # -- the store -------------------------------------------------------------------------------------------------
@@ -243,6 +268,7 @@ class Store:
     def __init__(self, path: Path, info: dict, table, rows: Rows):
         self.path, self.model, self.root = path, info["model"], info["root"]
         self._tbl, self._rows = table, rows
+        self.has_tracks = "track" in table.schema.names
         self._lock = threading.RLock()
         self._positions: dict[str, int] | None = None
         self._max_id = int(rows.ids.max()) if rows.n else -1
@@ -376,9 +402,16 @@ class Store:
                     raise QAConvError("camera ids disagree with the store's camera labels")
                 cams = np.asarray(meta["cam"], dtype=np.int64)
             meta["cam"] = cams
+            meta["track"] = list(meta.get("track") or [""] * k)
+            if not self.has_tracks:
+                if any(meta["track"]):
+                    raise QAConvError(f"store {self.path} was written before tracklets (no 'track' column): rebuild "
+                                      f"it with 'qaconv index GALLERY_DIR --checkpoint RUN -o {self.path} "
+                                      "--overwrite' to store tracks")
+                sch = schema(self.model["feature_shape"], self.model["hash"], tracks=False)
             table = pa.table({
-                **{name: pa.array(np.asarray(meta[name]) if name != "path" and name != "cam_label" else
-                                  list(meta[name]), type=sch.field(name).type) for name in META_COLUMNS},
+                **{name: pa.array(np.asarray(meta[name]) if name not in ("path", "cam_label", "track") else
+                                  list(meta[name]), type=sch.field(name).type) for name in sch.names[:-2]},
                 "pooled": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), c),
                 "features": pa.FixedSizeBinaryArray.from_buffers(sch.field("features").type, k,
                                                                  [None, pa.py_buffer(feats)]),
@@ -408,13 +441,16 @@ class Store:
         cols = {k: self._grow[k].extend(np.asarray(v, dtype=self._grow[k].buf.dtype)) for k, v in new_cols.items()}
         positions = self.positions()
         paths = old.paths if len(old.paths) == old.n else old.paths[: old.n]
-        for i, p in enumerate(meta["path"]):
+        tracks = old.tracks if len(old.tracks) == old.n else old.tracks[: old.n]
+        for i, (p, t) in enumerate(zip(meta["path"], meta["track"], strict=True)):
             paths.append(p)
+            tracks.append(str(t))
             positions[p] = old.n + i
         labels = dict(old.cam_labels)
         labels.update({int(c): str(lab) for c, lab in zip(meta["cam"], meta["cam_label"], strict=True) if lab})
         self._max_id = max(self._max_id, int(ids.max()))
-        return Rows(self._tbl.version, old.n + len(ids), paths=paths, cam_labels=labels, _open=old._open, **cols)
+        return Rows(self._tbl.version, old.n + len(ids), paths=paths, tracks=tracks, cam_labels=labels,
+                    _open=old._open, **cols)
 
     def delete(self, select) -> int:
         """Delete, in one commit, the rows where ``select(rows)`` (a bool mask over a :class:`Rows`) holds; it is
@@ -549,8 +585,8 @@ def id_predicate(ids: np.ndarray) -> str:
 
 
 def _check_schema(path: Path, actual, model: dict) -> None:
-    want = schema(model["feature_shape"], model["hash"])
     names = [f.name for f in actual]
+    want = schema(model["feature_shape"], model["hash"], tracks="track" in names)
     if names != want.names:
         raise _corrupt(path, f"columns {names}, expected {want.names}")
     for f in want:
@@ -569,7 +605,8 @@ def _load_rows(path: Path, table, db, feature_shape) -> Rows:
     c = int(feature_shape[0])
     try:
         version = table.version
-        data = table.search().select([*META_COLUMNS, "pooled"]).with_row_id(True).limit(None).to_arrow()
+        columns = META_COLUMNS if "track" in table.schema.names else OLD_META_COLUMNS
+        data = table.search().select([*columns, "pooled"]).with_row_id(True).limit(None).to_arrow()
     except Exception as exc:  # noqa: BLE001
         raise _corrupt(path, f"reading the table: {os_reason(exc)}") from None
 
@@ -589,6 +626,7 @@ def _load_rows(path: Path, table, db, feature_shape) -> Rows:
         pids=data["pid"].to_numpy(), cams=data["cam"].to_numpy(), stored_times=data["time"].to_numpy(),
         sessions=data["session"].to_numpy(), frames=data["frame"].to_numpy(),
         sources=data["time_source"].to_numpy(), pooled=pooled, _open=pinned,
+        tracks=data["track"].to_pylist() if "track" in data.column_names else [""] * n,
         cam_labels=_validate(path, data, pooled),
     )
     return rows

@@ -1,0 +1,178 @@
+"""The queries of ``qaconv search``: image files, folders, tracklet folders or a query manifest.
+
+A :class:`QuerySet` lists every query crop with what is known of it (camera, time, pid; None = from
+Market-style names) and groups the crops into queries: one crop per query, or a tracklet of several crops
+of one person (a folder with ``tracklet=True``, or the rows of a manifest with one camera and ``track``).
+
+A query manifest is a CSV with the header ``path,camid[,time][,pid][,track]`` (other columns ignored;
+``path`` relative to the CSV's folder or absolute); an empty ``camid``, ``time``, ``pid`` or ``track`` cell
+means unknown / none. Bad rows raise one line naming ``file:line``.
+
+Example::
+
+    qs = collect_queries(["camA/track7", "camB/track2"], tracklet=True, cam_from_folder=True)
+    qs.names, qs.cams        # ['camA/track7', 'camB/track2'], ['camA', 'camA', ..., 'camB', ...]
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.market import IMAGE_SUFFIXES
+from ..errors import QAConvError
+from .extract import list_images
+
+MANIFEST_HEADER = "path,camid[,time][,pid][,track]"
+
+
+@dataclass
+class QuerySet:
+    """Query crops and how they form queries (see the module docstring). Per crop: ``paths``; ``cams`` (labels,
+    '' unknown), ``times`` (seconds, NaN unknown), ``pids`` (-1 unknown), each None when the crops' Market-style
+    names say; ``groups``: a hashable per crop, crops with equal values forming one tracklet query (None:
+    every crop is a query). Per query, in order of first crop: ``names`` (display) and ``tracks`` (the
+    manifest's track label, or None)."""
+
+    paths: list[Path]
+    names: list[str]
+    tracks: list
+    cams: list[str] | None = None
+    times: list[float] | None = None
+    pids: list[int] | None = None
+    groups: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def crops_of(self) -> list[list[int]]:
+        """Per query, the indices of its crops."""
+        if self.groups is None:
+            return [[i] for i in range(len(self.paths))]
+        order: dict = {}
+        for i, g in enumerate(self.groups):
+            order.setdefault(g, []).append(i)
+        return list(order.values())
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def collect_queries(args, tracklet: bool = False, cam_from_folder: bool = False) -> QuerySet:
+    """The query crops of the QUERY arguments: image files, and folders (their images, recursively). With
+    ``tracklet`` each argument is one query (a folder: a tracklet of all its images). With ``cam_from_folder``
+    a crop's camera is the name of the folder it lies in (``camA/img_001.jpg`` -> ``camA``, also when the
+    argument is ``camA/`` itself), a tracklet folder's camera the folder that holds it (``camA/track7/`` ->
+    ``camA``)."""
+    paths, names, groups, cams = [], [], [], []
+    for a, arg in enumerate(map(Path, args)):
+        if arg.is_dir():
+            rel = list_images(arg)
+            if not rel:
+                raise QAConvError(f"query folder {arg} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            found = [arg / p for p in rel]
+            if cam_from_folder:
+                cams += [arg.resolve().parent.name] * len(rel) if tracklet else [p.resolve().parent.name for p in found]
+        elif arg.is_file() and _is_image(arg):
+            found = [arg]
+            if cam_from_folder:
+                cams.append(arg.resolve().parent.name)
+        elif arg.exists():
+            raise QAConvError(f"query {arg} is not an image file ({', '.join(IMAGE_SUFFIXES)}) or a folder")
+        else:
+            raise QAConvError(f"query {arg} does not exist")
+        paths += found
+        if tracklet:
+            names.append(str(arg))
+            groups += [a] * len(found)
+        else:
+            names += [str(p) for p in found]
+    if not paths:
+        raise QAConvError("no query images found")
+    return QuerySet(paths, names, [None] * len(names), cams=cams if cam_from_folder else None,
+                    groups=groups if tracklet else None)
+
+
+def read_query_manifest(csv_path: str | Path) -> QuerySet:
+    """The queries of a ``path,camid[,time][,pid][,track]`` CSV (module docstring): rows with one camera and one
+    ``track`` form a tracklet query, a row without track is a query of its own."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise QAConvError(f"query manifest {csv_path} does not exist")
+    paths, cams, times, pids, groups, seen = [], [], [], [], [], set()
+    names, tracks, first_of = [], [], {}
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip().lower() for h in next(reader, [])]
+            missing = [c for c in ("path", "camid") if c not in header]
+            if missing:
+                raise QAConvError(f"{csv_path}:1: missing column(s) {', '.join(missing)}; expected a header "
+                                  f"'{MANIFEST_HEADER}'")
+            idx = {c: header.index(c) for c in ("path", "camid", "time", "pid", "track") if c in header}
+            for fields in reader:
+                if not any(f.strip() for f in fields):
+                    continue
+                line = f"{csv_path}:{reader.line_num}"
+                cell = {c: (fields[i].strip() if i < len(fields) else "") for c, i in idx.items()}
+                if not cell["path"]:
+                    raise QAConvError(f"{line}: column 'path' is empty")
+                path = Path(cell["path"]).expanduser()
+                path = path if path.is_absolute() else csv_path.parent / path
+                if not path.is_file():
+                    raise QAConvError(f"{line}: image {cell['path']} does not exist")
+                if not _is_image(path):
+                    raise QAConvError(f"{line}: {cell['path']} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
+                key = str(path.resolve())
+                if key in seen:
+                    raise QAConvError(f"{line}: image {cell['path']} is listed twice")
+                seen.add(key)
+                t = math.nan
+                if cell.get("time"):
+                    try:
+                        t = float(cell["time"])
+                    except ValueError:
+                        t = math.nan
+                    if not math.isfinite(t):
+                        raise QAConvError(f"{line}: column 'time' must be a number of seconds, got {cell['time']!r}")
+                pid = -1
+                if cell.get("pid"):
+                    try:
+                        pid = int(cell["pid"])
+                    except ValueError:
+                        pid = -2
+                    if pid < -1:
+                        raise QAConvError(f"{line}: column 'pid' must be an integer >= -1 (-1 or empty: unknown), "
+                                          f"got {cell['pid']!r}")
+                track = cell.get("track", "")
+                group = ("track", cell["camid"], track) if track else ("row", len(paths))
+                if group not in first_of:
+                    first_of[group] = len(names)
+                    names.append(f"track {track}" + (f" ({cell['camid']})" if cell["camid"] else "") if track
+                                 else str(path))
+                    tracks.append(track or None)
+                paths.append(path)
+                cams.append(cell["camid"])
+                times.append(t)
+                pids.append(pid)
+                groups.append(group)
+    except UnicodeDecodeError as exc:
+        raise QAConvError(f"{csv_path}: not a UTF-8 text file ({exc.reason})") from None
+    except csv.Error as exc:
+        raise QAConvError(f"{csv_path}: malformed CSV ({exc})") from None
+    if not paths:
+        raise QAConvError(f"query manifest {csv_path} lists no images")
+    return QuerySet(paths, names, tracks, cams=cams, times=times if "time" in idx else None,
+                    pids=pids if "pid" in idx else None, groups=groups)
+
+
+def expand(values: list, qs: QuerySet) -> list:
+    """Values given one per query, repeated for each crop of that query."""
+    out = [None] * len(qs.paths)
+    for v, crops in zip(values, qs.crops_of(), strict=True):
+        for i in crops:
+            out[i] = v
+    return out
