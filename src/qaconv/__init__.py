@@ -10,21 +10,37 @@ The main pieces, importable from here::
 
 __version__ = "0.1.0"
 
-from .convert import convert_official
-from .data.registry import load_dataset
-from .engine.features import extract_features
-from .engine.runner import load_trained
-from .errors import QAConvError
-from .export import export_onnx
-from .extractor import FeatureExtractor
-from .gallery import Gallery, GalleryIndex, build_index, load_index, search_index
-from .gallery.search import two_stage_scores, two_stage_topk
-from .loading import TrainedModel, load
-from .matching import Matcher, pairwise_scores
-from .metrics import RankResult, evaluate_rank
-from .models import PooledCosine, QAConv, build_backbone, build_matcher
-from .models.official import load_official_checkpoint
-from .rerank import k_reciprocal, k_reciprocal_knn
+# name -> module, imported on first use (PEP 562): ``import qaconv`` and the command line's parser stay light
+# (no torch), so ``qaconv --help`` answers at once; ``qaconv.FeatureExtractor`` imports what it needs.
+_LAZY = {
+    "convert_official": ".convert",
+    "load_dataset": ".data.registry",
+    "extract_features": ".engine.features",
+    "load_trained": ".engine.runner",
+    "QAConvError": ".errors",
+    "export_onnx": ".export",
+    "FeatureExtractor": ".extractor",
+    "Gallery": ".gallery",
+    "GalleryIndex": ".gallery",
+    "build_index": ".gallery",
+    "load_index": ".gallery",
+    "search_index": ".gallery",
+    "two_stage_scores": ".gallery.search",
+    "two_stage_topk": ".gallery.search",
+    "TrainedModel": ".loading",
+    "load": ".loading",
+    "Matcher": ".matching",
+    "pairwise_scores": ".matching",
+    "RankResult": ".metrics",
+    "evaluate_rank": ".metrics",
+    "PooledCosine": ".models",
+    "QAConv": ".models",
+    "build_backbone": ".models",
+    "build_matcher": ".models",
+    "load_official_checkpoint": ".models.official",
+    "k_reciprocal": ".rerank",
+    "k_reciprocal_knn": ".rerank",
+}
 
 __all__ = [
     "FeatureExtractor",
@@ -55,3 +71,17 @@ __all__ = [
     "pairwise_scores",
     "search_index",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'qaconv' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

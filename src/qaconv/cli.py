@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
+import re
 import sys
 import traceback
 from pathlib import Path
 
+from . import __version__
 from .errors import QAConvError, writing
 
 
@@ -21,10 +24,100 @@ class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """Argument errors as one line on stderr, exit status 2."""
+    """Argument errors as one line on stderr, exit status 2; a mistyped command, choice or option is answered
+    with the closest known spelling: ``qaconv search: error: unrecognized option --topp; did you mean --top?``."""
+
+    _argv: list = []  # the arguments this parser was last given (a subcommand's parser: those after its name)
+    _parsing: list = []  # the parsers now parsing, outermost first (the command's, then a subcommand's, ...)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        Parser._parsing.append(self)
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            Parser._parsing.remove(self)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the (sub)command parser that has a near miss for them, else the innermost one
+            chain = _chosen_parsers(self, ns)
+            culprit = next((p for p in chain if p._mistyped_option()), chain[-1])
+            culprit.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        prog = self.prog
+        for parser in [*Parser._parsing, self]:  # a typo in an option (this parser's or an enclosing one's)
+            typo = parser._mistyped_option()  # explains most other errors too
+            if typo:
+                prog, message = parser.prog, typo
+                break
+        self.exit(2, f"{prog}: error: {message} (see --help)\n")
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            close = _closest(str(value), {str(c): str(c) for c in action.choices})
+            if close:
+                raise argparse.ArgumentError(action, f"invalid choice: '{value}'; did you mean '{close}'?")
+        super()._check_value(action, value)
+
+    def _mistyped_option(self) -> str | None:
+        """'unrecognized option --topp; did you mean --top?' for the first option in this parser's arguments that
+        it does not know but that is close to one it knows; None when there is none."""
+        known = self._option_string_actions
+        nested = any(isinstance(a, argparse._SubParsersAction) for a in self._actions)
+        for token in self._argv:
+            if token == "--":
+                break
+            if not token.startswith("-") or token == "-" or _NUMBER.fullmatch(token):
+                if nested:
+                    break  # the command name: what follows belongs to its parser
+                continue
+            name = token.split("=", 1)[0]
+            if (name in known or (name.startswith("--") and any(k.startswith(name) for k in known))
+                    or (not name.startswith("--") and name[:2] in known)):
+                continue  # known, a unique or ambiguous abbreviation (argparse's), or -j4
+            close = _closest(name.lstrip("-"), {k.lstrip("-"): k for k in known})
+            if close:
+                return f"unrecognized option {name}; did you mean {close}?"
+        return None
+
+
+_NUMBER = re.compile(r"-\d+|-\d*\.?\d+(e[-+]?\d+)?", re.IGNORECASE)
+
+
+def _closest(word: str, candidates: dict) -> str | None:
+    """The value of the key in ``candidates`` most like ``word`` (difflib ratio >= 0.6, no tie), else None."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, k).ratio(), k) for k in candidates), reverse=True)
+    if not scored or scored[0][0] < 0.6 or (len(scored) > 1 and scored[1][0] == scored[0][0]):
+        return None
+    return candidates[scored[0][1]]
+
+
+def _chosen_parsers(parser, ns) -> list:
+    """``parser`` and the (sub)command parsers ``ns`` went through, outermost first."""
+    chain = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(ns, action.dest, None) in action.choices:
+            chain += _chosen_parsers(action.choices[getattr(ns, action.dest)], ns)
+    return chain
+
+
+QUIET_HELP = "no progress bars or progress lines (errors and results are still printed); TQDM_DISABLE=1 also works"
+
+
+def _add_quiet(parser) -> None:
+    """``-q/--quiet`` after every (sub)command too, so that ``qaconv index ... --quiet`` works as well as
+    ``qaconv --quiet index ...`` (an option a command already has under that name is left alone)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags = [f for f in ("-q", "--quiet") if f not in sub._option_string_actions]
+                if "--quiet" in flags:
+                    sub.add_argument(*flags, dest="quiet", action="store_true", default=argparse.SUPPRESS,
+                                     help=QUIET_HELP)
+                _add_quiet(sub)
 
 
 def _choices_or_none(*choices):
@@ -411,14 +504,18 @@ def _add_train_args(p, d: dict, explicit: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .calibrate import BANDS_HELP, DIFFERENT_TAR, SAME_FAR
-    from .engine.runner import DEFAULTS
+    from .engine.config import TrainConfig  # light: building the parser imports no torch (qaconv --help is fast)
+
+    DEFAULTS = TrainConfig().to_dict()  # as qaconv.engine.runner.DEFAULTS
 
     parser = Parser(
         prog="qaconv",
         description="QAConv person re-identification: train, evaluate, generate data, demo.",
         formatter_class=FORMATTER,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP + " (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser(
@@ -654,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-ids", default=None, type=_positive(int), help="test identities (default: domain preset)")
     p.add_argument("--height", default=128, type=_positive(int), help="image height")
     p.add_argument("--width", default=64, type=_positive(int), help="image width")
+    _add_quiet(parser)
     return parser
 
 
@@ -1018,6 +1116,9 @@ def main(argv: list[str] | None = None) -> int:
         "export": _cmd_export,
         "serve": _cmd_serve,
     }
+    from .progress import set_quiet
+
+    quiet = set_quiet(args.quiet)
     try:
         if args.command == "demo":
             from .demo import run_demo_from_args
@@ -1034,6 +1135,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qaconv {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        set_quiet(quiet)
     return 0
 
 

@@ -7,12 +7,6 @@ import json
 import time
 from pathlib import Path
 
-from .data.registry import ensure_synth
-from .engine.config import resolve_config
-from .engine.evaluator import evaluate, format_table
-from .engine.runner import train
-from .viz.curves import plot_cmc
-
 # Small, CPU-friendly settings on top of the 2.1 recipe (official QAConv-GS); see the README for why each
 # differs (random initialisation: no pretrained weights can be had here).
 DEMO_OVERRIDES: dict = {
@@ -48,6 +42,12 @@ def add_demo_args(p) -> None:
 
 def run_demo(out_dir="qaconv_demo", data_dir=None, max_epochs=4, device=None, seed=0, progress=True) -> dict:
     """Generate domains A and B if absent, train both methods on A, evaluate on A (same domain) and B."""
+    from .data.registry import ensure_synth
+    from .engine.config import resolve_config
+    from .engine.evaluator import evaluate, format_table
+    from .engine.runner import train
+    from .viz.curves import plot_cmc
+
     start = time.perf_counter()
     out = Path(out_dir)
     data_dir = Path(data_dir) if data_dir else out / "data"

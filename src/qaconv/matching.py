@@ -48,10 +48,10 @@ import math
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .models.pooled import PooledCosine
 from .models.qaconv import QAConv
+from .progress import progress_bar
 
 DEFAULT_MEMORY = 256 * 2**20  # bytes for one tile's working set
 
@@ -239,7 +239,7 @@ class Matcher:
         steps = [(i, j) for i in range(0, num_p, p) for j in range(0, num_g, g) if not upper or j >= i]
         if self.shard is not None:
             steps = steps[self.shard[0] :: self.shard[1]]
-        return p, g, tqdm(steps, desc="matching", disable=not progress, leave=False)
+        return p, g, progress_bar(steps, desc="matching", unit="blocks", disable=not progress, leave=False)
 
     def _blocks_qaconv(self, prob: Tensor, gal: Tensor, fold: dict, progress: bool, upper: bool):
         head: QAConv = self.head
@@ -329,7 +329,7 @@ def pairwise_scores(
         steps = [(p, g) for p in range(0, len(prob), prob_batch) for g in range(0, len(gal), gal_batch)]
         if shard is not None:
             steps = steps[shard[0] :: shard[1]]
-        for p, g in tqdm(steps, desc="matching", disable=not progress, leave=False):
+        for p, g in progress_bar(steps, desc="matching", unit="blocks", disable=not progress, leave=False):
             pc = prob[p : p + prob_batch].to(dev, non_blocking=True)
             gc = gal[g : g + gal_batch].to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):

@@ -23,12 +23,12 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .errors import QAConvError, writing
 from .metrics import per_query
 from .names import safe_stem
+from .progress import progress_bar
 
 THUMB_HEIGHT = 96
 
@@ -291,8 +291,8 @@ def report_testset(out_dir, data, dists: dict, q_maps=None, g_maps=None, matcher
                     s.match_png = f"{prefix}/match/q{r.query:05d}_g{s.gallery:05d}.png"
                     todo[s.match_png] = (r.query, s.gallery, s.rank)
     if can_match:
-        for rel, (q, g, rank) in tqdm(sorted(todo.items()), desc=f"{data.name} match pictures", disable=not progress,
-                                      leave=False):
+        for rel, (q, g, rank) in progress_bar(sorted(todo.items()), desc=f"{data.name} match pictures", unit="pictures",
+                                              disable=not progress, leave=False):
             _match_png(matcher, q_maps[q], g_maps[g], data.query[q].path, data.gallery[g].path, out_dir / rel,
                        image_size, f"gallery rank {rank}")
             files.append(rel)

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from ..errors import QAConvError
+from ..progress import progress_bar
 from .records import Record
 
 # What PIL raises for unreadable files: OSError (incl. UnidentifiedImageError, truncation, missing file),
@@ -115,6 +115,6 @@ def scan_images(records: Iterable[Record], progress: bool = True, threads: int |
     paths = list(dict.fromkeys(rec.path for rec in records))
     threads = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
-        ok = tqdm(pool.map(_decodes, paths), total=len(paths), desc="checking images", disable=not progress,
-                  leave=False)
+        ok = progress_bar(pool.map(_decodes, paths), total=len(paths), desc="checking images", unit="img",
+                          disable=not progress, leave=False)
         return [path for path, good in zip(paths, ok, strict=True) if not good]

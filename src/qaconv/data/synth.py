@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ..errors import QAConvError
+from ..progress import progress_bar
 from .records import MARKET_FPS, market_name
 from .synth_draw import make_panorama, render_image
 from .synth_style import DOMAINS, VIEWS, CameraStyle, DomainSpec, Identity, sample_camera, sample_population
@@ -203,7 +203,7 @@ def generate_domain(domain: str, out_dir: str | Path, *, seed: int = 0, num_trai
     n_workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
     init = (spec.name, seed, n_cam, height, width, people, str(out))
-    bar = tqdm(total=len(jobs), desc=f"synth {spec.name}", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=len(jobs), desc=f"synth {spec.name}", unit="img", disable=not progress, leave=False)
     try:
         if n_workers <= 1 or len(jobs) < 4 * _CHUNK:
             _init_worker(*init)

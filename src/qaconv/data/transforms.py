@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from ..choices import AUGMENTS
+
 
 class RandomOcclusion(torch.nn.Module):
     """Paste one white square of side s ~ U[max(1, S*min_size), S*max_size), S = min(H, W).
@@ -70,9 +72,6 @@ def train_transform(
     if occlusion[1] > 0:
         steps.append(RandomOcclusion(*occlusion))
     return v2.Compose(steps)
-
-
-AUGMENTS = ("full", "flip-occlusion", "none")
 
 
 def make_transform(augment: str, height: int, width: int):

@@ -7,14 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from ..data.transforms import AUGMENTS
+from ..choices import ARCHS, AUGMENTS, FINAL_LAYERS, IBN_TYPES, INPUT_NORMS, MATCHERS, RERANK_INPUTS, VERSIONS
 from ..errors import QAConvError
-from ..models import MATCHERS
-from ..models.backbone import ARCHS, FINAL_LAYERS, INPUT_NORMS
-from ..models.ibn import IBN_TYPES
-from ..models.qaconv import VERSIONS
 from ..recipes import DEFAULT_RECIPE, RECIPE_KEYS, RECIPES, load_recipe
-from .evaluator import RERANK_INPUTS
 
 CHOICES: dict[str, tuple] = {
     "recipe": RECIPES,

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.special import expit
-from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
+from ..choices import RERANK_INPUTS
 from ..data.images import scan_images
 from ..data.registry import load_dataset
 from ..data.validate import check_evaluable
@@ -24,6 +24,7 @@ from ..matching import fold_head, pick_device
 from ..metrics import RankResult, evaluate_rank
 from ..models.pooled import PooledCosine
 from ..names import safe_stem
+from ..progress import progress_bar
 from ..rerank import candidate_lists, k_reciprocal_knn
 from .distributed import (
     all_gather_rows,
@@ -61,7 +62,6 @@ POST_DEFAULTS: dict = {
 
 # Post-processing row labels ('' = plain QAConv). TLIFT_DIRECT is not part of the official protocol.
 RR, RR_TLIFT, TLIFT_DIRECT = "+RR", "+RR+TLift", "+TLift(unofficial)"
-RERANK_INPUTS = ("sigmoid", "logit")
 
 
 def logit_to_similarity(logits: np.ndarray, scale: float = 10.0) -> np.ndarray:
@@ -398,14 +398,14 @@ def _score_pairs(matcher, q, g, probe: np.ndarray, gal: np.ndarray, dev, memory:
             return _rescore(matcher, _take(q, g, ids), side, cand, dev, memory)[torch.from_numpy(valid)]
 
     threads = torch.get_num_threads()
-    bar = dict(total=len(mine), desc="re-scoring shortlists", disable=not progress, leave=False)
+    bar = dict(total=len(mine), desc="re-scoring shortlists", unit="blocks", disable=not progress, leave=False)
     if dev.type != "cpu" or threads == 1:
-        parts = [block_scores(b) for b in tqdm(mine, **bar)]
+        parts = [block_scores(b) for b in progress_bar(mine, **bar)]
     else:  # one block per thread, each single-threaded: small kernels stall when OpenMP threads wait on busy cores
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(threads) as pool:
-                parts = list(tqdm(pool.map(block_scores, mine), **bar))
+                parts = list(progress_bar(pool.map(block_scores, mine), **bar))
         finally:
             torch.set_num_threads(threads)
     flat = _gather_cat(parts, torch.empty(0)).numpy()

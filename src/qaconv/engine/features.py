@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.images import ImageDataset
 from ..data.records import Record
 from ..data.transforms import eval_transform
 from ..matching import pick_device
+from ..progress import progress_bar
 
 
 @torch.inference_mode()
@@ -37,12 +37,15 @@ def extract_features(
         pin_memory=dev.type == "cuda",
     )
     chunks = []
+    bar = progress_bar(total=len(records), desc=desc, unit="img", disable=not progress, leave=False)
     try:
-        for images, *_ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for images, *_ in loader:
             images = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
                 chunks.append(model(images).float().cpu().contiguous())
+            bar.update(len(images))
     finally:
+        bar.close()
         model.train(was_training)
     if not chunks:
         raise ValueError("no images to extract features from")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..data.images import ImageDataset, collate_skip_bad, scan_images
 from ..data.records import Record
@@ -24,6 +23,7 @@ from ..errors import QAConvError, writing
 from ..losses import finite_mean
 from ..matching import pick_device
 from ..models.qaconv import QAConv
+from ..progress import progress_bar
 from . import distributed as ddp
 from .checkpoint import load_checkpoint, remove_stale_temp, save_checkpoint
 from .schedule import EpochSchedule
@@ -293,7 +293,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         total = len(sampler) if max_steps is None else min(len(sampler), max_steps)
         losses, accs, skipped, seen, bad = [], [], 0, 0, 0
-        bar = tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+        bar = progress_bar(total=total, desc=desc, unit="steps", disable=not self.progress, leave=False)
         for step, (images, targets, *rest) in enumerate(loader):
             if step >= total:
                 break

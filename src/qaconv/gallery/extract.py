@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..data.images import read_rgb
 from ..data.market import IMAGE_SUFFIXES
 from ..errors import QAConvError
+from ..progress import progress_bar
 
 
 def list_images(folder: str | Path) -> list[str]:
@@ -75,7 +75,7 @@ def iter_extract(extractor, root: Path, rel: list[str], workers: int = 2, progre
     (maps and pooled are None when a chunk has no readable image). ``workers``: image-decoding threads."""
     step = extractor.batch_size
     chunk = len(rel) if chunk is None else max(step, int(chunk) // step * step)
-    bar = tqdm(total=len(rel), desc="indexing", unit="img", disable=not progress)
+    bar = progress_bar(total=len(rel), desc="indexing", unit="img", disable=not progress)
     with ThreadPoolExecutor(max(1, workers)) as pool, bar:
         for c0 in range(0, len(rel), max(1, chunk)):
             maps, pooled, kept, bad = [], [], [], []

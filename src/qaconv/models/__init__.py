@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..choices import MATCHERS
 from .backbone import FeatureMapNet, build_backbone
 from .pooled import PooledCosine
 from .qaconv import QAConv
 from .weights import WeightsNotFoundError
-
-MATCHERS = ("qaconv", "pooled")
 
 __all__ = [
     "MATCHERS",

@@ -10,12 +10,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from ..choices import ARCHS, FINAL_LAYERS, INPUT_NORMS
 from .ibn import IBN_TYPES, apply_ibn
 from .weights import load_imagenet_state_dict, load_into_base, read_state_dict
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-FINAL_LAYERS = {"layer2": 8, "layer3": 16, "layer4": 32}
-INPUT_NORMS = ("imagenet", "none")
 PRETRAINED = ("imagenet",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

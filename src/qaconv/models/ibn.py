@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-IBN_TYPES = ("a", "b")
+from ..choices import IBN_TYPES
 
 
 class IBN(nn.Module):

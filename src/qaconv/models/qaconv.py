@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-VERSIONS = ("1", "2.1")
+from ..choices import VERSIONS
+
 SEMANTICS = ("default", "official")  # of QAConv.correspondences
 
 
