@@ -105,7 +105,7 @@ def write_search_html(out: str | Path, results: list[dict], root: str | Path, ti
     "pid", "cam", "row", ...}]}``, result paths relative to the gallery folder ``root``. ``extractor``: a
     :class:`~qaconv.extractor.FeatureExtractor` with a QAConv matcher; when given, a match picture of every
     result is drawn and linked (``progress``: a progress bar over them)."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     out = Path(out)
     assets = out.with_name(out.stem + "_files")
@@ -119,7 +119,7 @@ def write_search_html(out: str | Path, results: list[dict], root: str | Path, ti
                      "sides)</p>")
     written: dict[str, bool] = {}
     todo = sum(len(q["results"]) for q in results) if extractor is not None else 0
-    bar = tqdm(total=todo, desc="match pictures", unit="pic", disable=not progress or not todo)
+    bar = progress_bar(total=todo, desc="match pictures", unit="pic", disable=not progress or not todo)
     with bar:
         for qi, q in enumerate(results):
             crops = list(q.get("crops") or [q["query"]])
