@@ -101,7 +101,8 @@ def test_every_type_is_listed_and_decoded_and_the_rest_named(every_type):
 def test_skipped_files_are_counted_and_the_first_named():
     assert describe_skipped([]) == ""
     text = describe_skipped([f"f{i}.txt" for i in range(5)], "in gal")
-    assert text.startswith("skipped 5 non-image file(s) in gal (not .jpg, ") and text.endswith("f0.txt, f1.txt, f2.txt, ...")
+    assert text.startswith("skipped 5 non-image file(s) in gal (not .jpg, ")
+    assert text.endswith("f0.txt, f1.txt, f2.txt, ...")
 
 
 def test_missing_path_and_wrong_type_are_told_apart(tmp_path):
@@ -273,10 +274,10 @@ def test_evaluate_and_train_name_nothing_and_write_nothing(tmp_path, monkeypatch
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 1
     err = _error(capsys)
-    assert "no test set given: pass --testsets NAME" in err
+    assert "no test sets given: pass --testsets NAME" in err
     assert "synth_A/synth_B/synth_C" in err and "CSV manifest" in err and "Market-1501 layout" in err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--testsets", " , "]) == 1
-    assert "no test set given" in _error(capsys)
+    assert "no test sets given" in _error(capsys)
     assert main(["train", "-o", str(tmp_path / "run"), "--pretrained", "none", "--ibn", "none"]) == 1
     err = _error(capsys)
     assert "no training set given: pass --dataset NAME" in err and "synth_A/synth_B/synth_C" in err

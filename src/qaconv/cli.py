@@ -401,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--out-dir", default=None, help="where --save-scores writes (default: the checkpoint's folder)"
     )
-    _add_run_args(p, {**DEFAULTS, "testsets": None}, testsets_help="test sets, comma-separated (required): a benchmark, a CSV manifest, a "
-                  "Market-layout folder, or synth_A/B/C (generated on first use)")
+    _add_run_args(p, {**DEFAULTS, "testsets": None}, testsets_help="test sets, comma-separated (required): a "
+                  "benchmark, a CSV manifest, a Market-layout folder, or synth_A/B/C (generated on first use)")
     _add_post_args(p, DEFAULTS)
     _switch(p, "--strict", "stop at the first undecodable query or gallery image instead of skipping it")
     p.set_defaults(rerank_input=None)  # the checkpoint's recipe decides
@@ -607,7 +607,7 @@ def _cmd_evaluate(args) -> None:
     if not [t for t in (args.testsets or "").split(",") if t.strip()]:
         from .data.registry import HOW_TO_NAME
 
-        raise QAConvError(f"no test set given: pass --testsets NAME[,NAME...], where NAME is {HOW_TO_NAME}")
+        raise QAConvError(f"no test sets given: pass --testsets NAME[,NAME...], where NAME is {HOW_TO_NAME}")
     model, matcher, cfg = load_trained(args.checkpoint, device=args.device)
     cfg.update(
         data_dir=args.data_dir,
