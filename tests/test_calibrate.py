@@ -307,7 +307,7 @@ def test_cli_calibrate_writes_what_the_saved_scores_give(calibrated):
     from qaconv.extractor import FeatureExtractor
     from qaconv.gallery import model_identity
 
-    assert c["model"]["hash"] == model_identity(FeatureExtractor(run, device="cpu"), run)["hash"]
+    assert c["model"]["hash"] == model_identity(FeatureExtractor(run, device="cpu"))["hash"]
     assert (run / "calibration.png").stat().st_size > 20_000
     assert not list(run.glob("*.tmp"))  # written atomically, nothing left over
 

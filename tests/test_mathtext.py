@@ -67,7 +67,7 @@ def test_dollar_in_testset_name_is_drawn_literally(run_and_manifest, tmp_path, c
     out = capsys.readouterr().out
     assert code == 0
     assert (rep / "index.html").is_file() and len(list(rep.glob("*/cmc.png"))) == 1
-    assert "rank-1" in out and any(line.startswith(str(csv)) for line in out.splitlines())
+    assert "rank-1" in out and any(line.startswith(f"{NAME} ") for line in out.splitlines())  # the short name
     assert any(text == f"CMC on {NAME}" for _, text, _ in saved_texts)
     drawn = [(text, math) for _, text, math in saved_texts if text]
     assert len({f for f, _, _ in saved_texts}) > 1  # the CMC plot and match pictures
@@ -103,10 +103,11 @@ def test_failing_report_keeps_metrics(run_and_manifest, tiny_domain, tmp_path, c
     with pytest.raises(OSError, match="disk full"):
         evaluate(model.eval(), matcher.eval(), cfg, [csv.name, str(tiny_domain)], out_dir=tmp_path / "out")
     out = capsys.readouterr().out
-    assert "rank-1" in out and any(line.startswith(csv.name) for line in out.splitlines())
+    assert "rank-1" in out and any(line.startswith(f"{NAME} ") for line in out.splitlines())
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("type") == "eval"]
-    assert [r["testset"] for r in evals] == [csv.name, str(tiny_domain)] and all("mAP" in r for r in evals)
+    assert [r["testset"] for r in evals] == [NAME, tiny_domain.name] and all("mAP" in r for r in evals)
+    assert [r["testset_source"] for r in evals] == [csv.name, str(tiny_domain)]
     assert not (tmp_path / "rep" / "index.html").exists()
 
 

@@ -533,7 +533,7 @@ def test_images_tlift_and_the_old_index(tiny_domain, ckpts, tmp_path, capsys):
     g = Gallery.create(tmp_path / "imgs.store", ckpts[0], device="cpu")
     report = g.add_folder(folder, progress=False, chunk=16)  # several committed chunks
     assert report["added"] == len(g) == len(gal.list_images(folder)) and g.root == str(folder.resolve())
-    index, _ = gal.build_index(folder, g.extractor, ckpts[0], progress=False)  # the legacy in-memory index
+    index, _ = gal.build_index(folder, g.extractor, progress=False)  # the legacy in-memory index
     assert sorted(g.paths) == sorted(index.paths.tolist())
     queries = [str(p) for p in sorted((tiny_domain / "query").iterdir())[:5]]
     q = g.extractor(queries)

@@ -27,6 +27,7 @@ def test_protocol_report_numbers():
         "images": 5,
         "cameras": 3,
         "camera_ids": [0, 1, 3],
+        "camera_labels": ["c1", "c2", "c4"],
         "time_range": [1.0, 5.0],
     }
     assert rep["splits"]["query"] == {
@@ -34,6 +35,7 @@ def test_protocol_report_numbers():
         "images": 5,
         "cameras": 3,
         "camera_ids": [0, 1, 2],
+        "camera_labels": ["c1", "c2", "c3"],
         "time_range": [10.0, 14.0],
     }
     assert rep["splits"]["gallery"]["ids"] == 3 and rep["splits"]["gallery"]["images"] == 4
@@ -56,7 +58,7 @@ def test_format_info():
     ds = _dataset()
     text = format_info(ds, protocol_report(ds))
     lines = text.splitlines()
-    assert lines[0] == "dataset toy (/toy)"
+    assert lines[0] == "dataset toy (/toy): training and evaluation"
     assert "train" in lines[1] and "3 ids" in lines[1] and "5 images" in lines[1] and "time 1.0-5.0 s" in lines[1]
     assert "(1 junk dropped)" in lines[2] and "(2 junk dropped)" in lines[3]
     assert sum(line.startswith("warning: ") for line in lines) == 2
@@ -70,9 +72,15 @@ def test_empty_splits_and_clean_dataset():
     train = _recs([(0, 0), (0, 1)])
     ds = ReidDataset("t", "/t", train, [], [], False)
     rep = protocol_report(ds)
-    assert rep["empty_splits"] == ["query", "gallery"]
-    assert rep["warnings"] == ["empty split(s): query, gallery"]
+    assert rep["empty_splits"] == ["query", "gallery"] and rep["use"] == "training only"
+    assert rep["warnings"] == []  # a training set needs no query or gallery
     assert rep["queries_not_evaluable"] == 0 and rep["splits"]["query"]["time_range"] is None
+
+    rep = protocol_report(ReidDataset("t", "/t", train, _recs([(5, 0)]), [], False))
+    assert rep["warnings"] == ["empty split: gallery (the query images cannot be evaluated without it)"]
+    rep = protocol_report(ReidDataset("t", "/t", [], _recs([(5, 0)]), [], False))
+    assert rep["warnings"] == ["empty split(s): train, gallery: nothing to train on or to evaluate"]
+    assert rep["use"] == "neither training nor evaluation"
 
     clean = ReidDataset("c", "/c", train, _recs([(5, 0)]), _recs([(5, 1)]), False)
     rep = protocol_report(clean)
@@ -104,3 +112,15 @@ def test_check_evaluable_raises_with_explanation():
 def test_report_flags_all_non_evaluable():
     ds = ReidDataset("x", "/x", _recs([(0, 0), (0, 1)]), _recs([(1, 0)]), _recs([(1, 0)]), False)
     assert "(no query can be evaluated)" in protocol_report(ds)["warnings"][0]
+
+
+def test_evaluation_only_set_has_no_empty_train_warning():
+    """Only query and gallery (an evaluation manifest): no warning about the empty train split."""
+    ds = ReidDataset("e", "/e", [], _recs([(5, 0), (6, 0)]), _recs([(5, 1), (6, 2)]), False, cam_labels={
+        0: "door", 1: "street", 2: "yard"})
+    rep = protocol_report(ds)
+    assert rep["warnings"] == [] and rep["empty_splits"] == ["train"] and rep["use"] == "evaluation only"
+    assert rep["splits"]["gallery"]["camera_labels"] == ["street", "yard"]
+    text = format_info(ds, rep)
+    assert "evaluation only" in text and "no problems found" in text and "warning" not in text
+    assert "cameras: street, yard" in text

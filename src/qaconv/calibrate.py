@@ -378,7 +378,7 @@ def find_calibration(checkpoint, identity: dict | None = None, path=None) -> dic
     return load_calibration(path, identity)
 
 
-def calibrate_checkpoint(checkpoint, testsets, data_dir="data", device=None, workers: int = 0,
+def calibrate_checkpoint(checkpoint, testsets, data_dir=None, device=None, workers: int = 0,
                          fea_batch: int = 64, match_memory: float = 512.0, strict: bool = False, fars=FARS,
                          same_far: float = SAME_FAR, different_tar: float = DIFFERENT_TAR,
                          progress: bool = True) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -386,28 +386,33 @@ def calibrate_checkpoint(checkpoint, testsets, data_dir="data", device=None, wor
     are pooled): features and exhaustive QAConv scores as ``qaconv evaluate`` computes them
     (:func:`qaconv.engine.evaluator.evaluate_dataset`, no post-processing), then :func:`cross_camera_pairs` and
     :func:`calibrate_scores`. Returns the calibration (with the model identity, ready for
-    :func:`save_calibration`) and each test set's (positive, negative) scores."""
+    :func:`save_calibration`) and each test set's (positive, negative) scores, keyed by short test-set names
+    (:func:`qaconv.names.short_names`). ``data_dir`` as for :func:`qaconv.data.load_dataset` (None: ``./data``
+    for benchmarks, the cache folder for synthetic domains)."""
     from .data.registry import load_dataset
     from .engine.evaluator import evaluate_dataset
     from .extractor import FeatureExtractor
     from .gallery.index import model_identity
+    from .names import short_names
 
     names = [t.strip() for t in testsets.split(",")] if isinstance(testsets, str) else [str(t) for t in testsets]
     names = [n for n in names if n]
     if not names:
         raise QAConvError("no test sets given: pass --testsets NAME[,NAME...] (a labelled set: identities known)")
     extractor = FeatureExtractor(checkpoint, device=device)
-    identity = model_identity(extractor, checkpoint)
-    cfg = {**extractor.cfg, "data_dir": str(data_dir), "device": device, "workers": workers, "fea_batch": fea_batch,
+    identity = model_identity(extractor)
+    cfg = {**extractor.cfg, "data_dir": data_dir, "device": device, "workers": workers, "fea_batch": fea_batch,
            "match_memory": match_memory, "strict": strict, "rerank": False, "tlift": False, "tlift_direct": False,
            "two_stage": 0, "save_scores": False, "report": None}
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    shown = short_names(names)
     for name in names:
-        data = load_dataset(name, data_dir, progress=progress)
+        data = load_dataset(name, data_dir, progress=progress, require=("query", "gallery"))
+        data.name = shown[name]
         kept: dict = {}
         evaluate_dataset(extractor.model, extractor.matcher, data, cfg, progress=progress, keep=kept)
         data = kept["data"]
-        pairs[name] = cross_camera_pairs(-kept["dists"][""], [r.pid for r in data.query],
+        pairs[data.name] = cross_camera_pairs(-kept["dists"][""], [r.pid for r in data.query],
                                          [r.pid for r in data.gallery], [r.camid for r in data.query],
                                          [r.camid for r in data.gallery])
     pos = np.concatenate([p for p, _ in pairs.values()])
@@ -415,11 +420,11 @@ def calibrate_checkpoint(checkpoint, testsets, data_dir="data", device=None, wor
     cal = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
            "model": {**identity, "feature_shape": list(identity["feature_shape"])},
            "score": "QAConv logit" if cfg.get("matcher", "qaconv") == "qaconv" else f"{cfg.get('matcher')} score",
-           "testsets": names,
+           "testsets": list(pairs),
            "pairs_definition": "query x gallery pairs from different cameras; positive = same identity; junk "
                                "(pid -1) excluded, distractors are negatives",
            **calibrate_scores(pos, neg, fars, same_far, different_tar)}
-    if len(names) > 1:
+    if len(pairs) > 1:
         cal["per_testset"] = {n: {k: v for k, v in score_summary(p, q, fars).items() if k in ("pairs", "auc",
                                                                                              "tar_at_far")}
                               for n, (p, q) in pairs.items()}

@@ -163,7 +163,7 @@ class _Explicit:
         from .recipes import RECIPE_KEYS
 
         key = max(flags, key=len).lstrip("-").replace("-", "_")
-        shown = default if default is not None else (False if kw.get("action") == "store_true" else "none")
+        shown = default if default not in (None, "") else (False if kw.get("action") == "store_true" else "none")
         help = f"{help} (" + ("2.1 recipe: " if key in RECIPE_KEYS else "default: ") + f"{shown})"
         return self.group.add_argument(*flags, default=argparse.SUPPRESS, help=help, **kw)
 
@@ -250,10 +250,15 @@ def _add_model_args(p, d: dict, explicit: bool = False) -> None:
     )
 
 
-def _add_run_args(p, d: dict, explicit: bool = False) -> None:
+DATA_DIR_HELP = ("folder holding the datasets, synthetic ones included; none: benchmarks and named folders under "
+                 "./data, synthetic domains generated into the cache folder $XDG_CACHE_HOME/qaconv or ~/.cache/qaconv")
+
+
+def _add_run_args(p, d: dict, explicit: bool = False,
+                  testsets_help: str = "comma-separated test sets evaluated after training") -> None:
     g = _group(p, "run", explicit)
-    g.add_argument("--data-dir", default=d["data_dir"], help="folder holding the datasets")
-    g.add_argument("--testsets", default=d["testsets"], help="comma-separated test sets; '' skips evaluation")
+    g.add_argument("--data-dir", default=d["data_dir"], help=DATA_DIR_HELP)
+    g.add_argument("--testsets", default=d["testsets"], help=testsets_help)
     g.add_argument("-j", "--workers", default=d["workers"], type=int, help="data-loading worker processes")
     g.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     g.add_argument("--fea-batch", default=d["fea_batch"], type=_positive(int), help="feature-extraction batch")
@@ -398,8 +403,9 @@ def _add_train_args(p, d: dict, explicit: bool = False) -> None:
         "-d",
         "--dataset",
         default=d["dataset"],
-        help="training set: a benchmark (market, duke, cuhk03_np_detected, cuhk03_np_labeled, msmt17, randperson, "
-        "clonedperson), synth_A/B/C, a CSV manifest or a Market-layout folder; comma-separated names are pooled",
+        help="training set (required): a benchmark (market, duke, cuhk03_np_detected, cuhk03_np_labeled, msmt17, "
+        "randperson, clonedperson), synth_A/B/C, a CSV manifest or a Market-layout folder; comma-separated names "
+        "are pooled",
     )
     g.add_argument("--combine-all", action="store_true", help="MSMT17 'all': train on train+val+query+gallery")
     g.add_argument(
@@ -538,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--out-dir", default=None, help="where --save-scores writes (default: the checkpoint's folder)"
     )
-    _add_run_args(p, DEFAULTS)
+    _add_run_args(p, {**DEFAULTS, "testsets": None}, testsets_help="test sets, comma-separated (required): a "
+                  "benchmark, a CSV manifest, a Market-layout folder, or synth_A/B/C (generated on first use)")
     _add_post_args(p, DEFAULTS)
     _switch(p, "--strict", "stop at the first undecodable query or gallery image instead of skipping it")
     p.set_defaults(rerank_input=None)  # the checkpoint's recipe decides
@@ -597,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--different-tar", default=DIFFERENT_TAR, type=_positive(float),
         help="fraction of true matches kept above the 'different' band",
     )
-    p.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="folder holding the datasets")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("-j", "--workers", default=0, type=_positive(int, zero=True), help="data-loading worker processes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     p.add_argument("--fea-batch", default=DEFAULTS["fea_batch"], type=_positive(int), help="feature-extraction batch")
@@ -616,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the metadata of OUT for a vector database of one's own (alone: of the existing store OUT).",
     )
     p.add_argument("gallery_dir", nargs="?", default=None,
-                   help="folder of gallery images (.jpg, .jpeg, .png; searched recursively)")
+                   help="folder of gallery images (.jpg .jpeg .png .bmp .webp .tif .tiff; searched recursively; "
+                   "other files are counted and named, not indexed)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint.pt (or its folder) written by 'qaconv train' (required unless --convert)")
     p.add_argument("-o", "--out", default="gallery.store", help="gallery store folder to create or grow")
@@ -736,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         "info", formatter_class=FORMATTER, help="per-split statistics, protocol warnings, bad files"
     )
     q.add_argument("name", help="dataset name, CSV manifest or Market-layout folder")
-    q.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="folder holding the datasets")
+    q.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     q.add_argument("--combine-all", action="store_true", help="MSMT17 'all' setting")
     q.add_argument("--no-scan", action="store_true", help="skip checking that every image file can be read")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -788,8 +796,10 @@ def _cmd_evaluate(args) -> None:
     from .engine.config import from_dict
     from .engine.runner import evaluate, load_trained
 
-    if not [t for t in args.testsets.split(",") if t.strip()]:
-        raise QAConvError("no test sets given: pass --testsets NAME[,NAME...]")
+    if not [t for t in (args.testsets or "").split(",") if t.strip()]:
+        from .data.registry import HOW_TO_NAME
+
+        raise QAConvError(f"no test sets given: pass --testsets NAME[,NAME...], where NAME is {HOW_TO_NAME}")
     model, matcher, cfg = load_trained(args.checkpoint, device=args.device)
     cfg.update(
         data_dir=args.data_dir,
@@ -807,9 +817,12 @@ def _cmd_evaluate(args) -> None:
 
 
 def _cmd_match(args) -> None:
+    from .data.filetypes import check_image_file
     from .extractor import FeatureExtractor
     from .viz.match import match_images
 
+    for image in (args.image_a, args.image_b):
+        check_image_file(image)  # before the model loads: "does not exist" or "is not an image file"
     extractor = FeatureExtractor(args.checkpoint, device=args.device)
     score, path = match_images(
         extractor, args.image_a, args.image_b, args.out, top=args.top, threshold=args.threshold,
@@ -829,7 +842,7 @@ def _print_verdict(args, extractor, score: float) -> None:
     # official semantics report sigmoid(logit / 10) of the gallery-as-kernel logit: recover that logit
     logit = score if args.semantics == "default" else 10 * math.log(max(score, 1e-300) / max(1 - score, 1e-300))
     try:
-        cal = find_calibration(args.checkpoint, model_identity(extractor, args.checkpoint), args.calibration)
+        cal = find_calibration(args.checkpoint, model_identity(extractor), args.calibration)
     except QAConvError as exc:
         if args.calibration:  # asked for explicitly: an error
             raise
@@ -940,7 +953,8 @@ def _cmd_index(args) -> None:
             return
         raise QAConvError("index needs GALLERY_DIR (a folder of images), or --convert OLD_INDEX")
     if not Path(args.gallery_dir).is_dir():
-        raise QAConvError(f"gallery folder {args.gallery_dir} does not exist or is not a folder")
+        what = "is not a folder" if Path(args.gallery_dir).exists() else "does not exist"
+        raise QAConvError(f"gallery folder {args.gallery_dir} {what}")
     append = _index_target(out, args)
     if args.checkpoint is None:
         raise QAConvError("index needs --checkpoint (the model that extracts the feature maps)")
@@ -970,6 +984,10 @@ def _cmd_index(args) -> None:
           f"{len(bad)} unreadable skipped" + "".join(f"\n  {_printable(p)}: {_printable(why)}" for p, why in bad[:5]))
     if report["manifest_unmatched"]:
         print(f"{report['manifest_unmatched']} manifest rows name no image in {args.gallery_dir} (ignored)")
+    if report.get("not_images"):
+        from .data.filetypes import describe_skipped
+
+        print(_printable(describe_skipped(report["not_images"], f"in {args.gallery_dir}")))
     if append and len(gallery) == before:
         print(f"{out} unchanged: {len(gallery)} images")
     else:
@@ -1013,7 +1031,13 @@ def _cmd_search(args) -> None:
     elif not args.queries:
         raise QAConvError("search needs QUERY images or folders, or --query-manifest CSV")
     else:
-        qs = collect_queries(args.queries, tracklet=args.tracklet, cam_from_folder=args.cam_from_folder)
+        skipped: list[str] = []
+        qs = collect_queries(args.queries, tracklet=args.tracklet, cam_from_folder=args.cam_from_folder,
+                             skipped=skipped)
+        if skipped:
+            from .data.filetypes import describe_skipped
+
+            print(_printable(describe_skipped(skipped, "in the query folders")), file=sys.stderr)
     extractor = gallery.extractor  # another model than the store's is refused here
     maps = extractor([str(q) for q in qs.paths])
     check_query_maps(maps, [_printable(q) for q in qs.paths])
@@ -1071,7 +1095,7 @@ def _cmd_data(args) -> None:
     from .data.registry import load_dataset
     from .data.validate import format_info, protocol_report
 
-    data = load_dataset(args.name, args.data_dir, combine_all=args.combine_all)
+    data = load_dataset(args.name, args.data_dir, combine_all=args.combine_all, require=())  # any usable splits
     report = protocol_report(data)
     if not args.no_scan:
         bad = scan_images(data.train + data.query + data.gallery, progress=not args.json)

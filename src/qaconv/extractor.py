@@ -34,6 +34,10 @@ class FeatureExtractor:
     ``(model, matcher)`` pair, or a bare model (``matcher`` is then None). For a model, ``height`` and
     ``width`` (the input size in pixels) are required.
 
+    ``checkpoint`` is the resolved path it was loaded from (None for a given model): APIs that take an
+    extractor (:func:`qaconv.gallery.model_identity`, :func:`~qaconv.gallery.build_index`, calibration) read the
+    model's identity from it and never ask for the path again.
+
     Calling it accepts one image or a list of them: file paths, PIL images, numpy arrays (HWC or HW
     uint8), or float tensors in [0, 1] (``[3, H, W]`` or a batch ``[N, 3, H, W]``; uint8 tensors are
     scaled by 1/255). Images are resized (bicubic, antialiased) to the model input size, and the model
@@ -47,11 +51,13 @@ class FeatureExtractor:
         self.device = pick_device(device)
         self.batch_size = int(batch_size)
         self.cfg: dict | None = None
+        self.checkpoint: str | None = None
         if isinstance(checkpoint_or_model, (str, Path)):
             from .engine.runner import load_trained
 
             model, matcher, cfg = load_trained(checkpoint_or_model, self.device)
             self.cfg = cfg
+            self.checkpoint = str(Path(checkpoint_or_model).resolve())
             height = cfg["height"] if height is None else height
             width = cfg["width"] if width is None else width
         elif isinstance(checkpoint_or_model, (tuple, list)) and len(checkpoint_or_model) == 2:

@@ -173,24 +173,30 @@ def _img(src: str, cls: str, title: str, extra: str = "") -> str:
             "onload=\"this.dataset.state='ok'\" onerror=\"this.dataset.state='broken'\">")
 
 
+def _cam(data, camid: int) -> str:
+    """The camera label the user gave (a manifest's camid value, ``c3`` for Market names)."""
+    label = getattr(data, "cam_label", None)
+    return label(camid) if label is not None else f"c{camid + 1}"
+
+
 def _render_rows(rows: list[QueryRow], data, prefix: str, group: str) -> str:
     q_recs, g_recs = data.query, data.gallery
     parts = []
     for row in rows:
         q = q_recs[row.query]
-        q_title = f"{Path(q.path).name}  id {q.pid}  cam {q.camid + 1}"
+        q_title = f"{Path(q.path).name}  id {q.pid}  cam {_cam(data, q.camid)}"
         q_attr = f' data-q="{row.query}"'
         match_link = next((s.match_png for s in row.all_shown() if s.match_png and s.rank == 1), None)
         link = f'<a href="{quote(match_link)}">rank-1 match</a>' if match_link else ""
         cells = [
             f'<td class="qcell">{_img(f"{prefix}/thumbs/q{row.query:05d}.jpg", "q", q_title, q_attr)}'
-            f'<div class="cap">q{row.query} · id {html.escape(str(q.pid))} · c{q.camid + 1}</div>'
+            f'<div class="cap">q{row.query} · id {html.escape(str(q.pid))} · {html.escape(_cam(data, q.camid))}</div>'
             f'<div class="cap">AP {100 * row.ap:.1f}% · 1st hit #{row.first_rank}</div><div class="cap">{link}</div>'
             "</td>"
         ]
         for s in row.all_shown():
             g = g_recs[s.gallery]
-            title = f"{Path(g.path).name}  id {g.pid}  cam {g.camid + 1}  rank {s.rank}  score {s.score:.4f}"
+            title = f"{Path(g.path).name}  id {g.pid}  cam {_cam(data, g.camid)}  rank {s.rank}  score {s.score:.4f}"
             data_attr = f' data-q="{row.query}" data-g="{s.gallery}" data-rank="{s.rank}"'
             img = _img(f"{prefix}/thumbs/g{s.gallery:05d}.jpg", "pos" if s.same_pid else "neg", title, data_attr)
             if s.match_png:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import QAConvError
-from .market import IMAGE_SUFFIXES, ReidDataset, load_market_layout
+from .filetypes import list_image_files
+from .market import ReidDataset, load_market_layout
 from .records import Record, relabel_pids
 
 DUKE_FPS = 59.94
@@ -153,13 +154,12 @@ def _require_dirs(root: Path, layout: str, subdirs: list[str]) -> None:
         )
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _parse_names(folder: Path, pattern: re.Pattern, rule: str) -> list[tuple[Path, re.Match]]:
+def _parse_names(folder: Path, pattern: re.Pattern, rule: str, skipped: list[str]) -> list[tuple[Path, re.Match]]:
+    """(path, match) of every image in ``folder``; non-image files are appended to ``skipped``."""
     parsed, bad = [], []
-    for path in _images(folder):
+    images, others = list_image_files(folder)
+    skipped += [f"{folder.name}/{p.name}" for p in others]
+    for path in images:
         m = pattern.match(path.name)
         if m is None:
             bad.append(path.name)
@@ -182,6 +182,7 @@ def _build(
     has_time: bool,
     found: str,
     junk_extra: dict[str, int] | None = None,
+    skipped: list[str] | None = None,
 ) -> BenchmarkDataset:
     junk = dict(junk_extra or {})
     kept = {}
@@ -196,6 +197,7 @@ def _build(
         gallery=kept["gallery"],
         has_time=has_time,
         junk_dropped=junk,
+        skipped=list(skipped or []),
         found=found,
     )
 
@@ -223,9 +225,10 @@ def read_duke(root: str | Path) -> BenchmarkDataset:
     _require_dirs(root, "DukeMTMC-reID (Market-style)", list(MARKET_SPLITS.values()))
     rule = "'PID_cC_fFRAME.jpg' (e.g. 0001_c2_f0046182.jpg)"
     splits: dict[str, list[Record]] = {}
+    skipped: list[str] = []
     for split, sub in MARKET_SPLITS.items():
         recs = []
-        for path, m in _parse_names(root / sub, DUKE_NAME, rule):
+        for path, m in _parse_names(root / sub, DUKE_NAME, rule, skipped):
             cam = int(m.group(2))
             if not 1 <= cam <= len(DUKE_CAM_OFFSETS):
                 raise QAConvError(f"{path}: DukeMTMC-reID cameras are c1..c8, got c{cam}")
@@ -233,7 +236,7 @@ def read_duke(root: str | Path) -> BenchmarkDataset:
             time = (int(m.group(3)) + DUKE_CAM_OFFSETS[camid]) / DUKE_FPS
             recs.append(Record(str(path), int(m.group(1)), camid, time))
         splits[split] = recs
-    return _build("duke", root, splits, True, f"duke: DukeMTMC-reID layout in {root}")
+    return _build("duke", root, splits, True, f"duke: DukeMTMC-reID layout in {root}", skipped=skipped)
 
 
 def read_cuhk03_np(root: str | Path, name: str = "cuhk03_np_detected") -> BenchmarkDataset:
@@ -241,14 +244,15 @@ def read_cuhk03_np(root: str | Path, name: str = "cuhk03_np_detected") -> Benchm
     root = Path(root)
     _require_dirs(root, "CUHK03-NP (Market-style)", list(MARKET_SPLITS.values()))
     rule = "'PID_cC_N.png' (e.g. 0001_c1_1.png)"
+    skipped: list[str] = []
     splits = {
         split: [
             Record(str(path), int(m.group(1)), int(m.group(2)) - 1, None)
-            for path, m in _parse_names(root / sub, CUHK_NAME, rule)
+            for path, m in _parse_names(root / sub, CUHK_NAME, rule, skipped)
         ]
         for split, sub in MARKET_SPLITS.items()
     }
-    return _build(name, root, splits, False, f"{name}: CUHK03-NP layout in {root}")
+    return _build(name, root, splits, False, f"{name}: CUHK03-NP layout in {root}", skipped=skipped)
 
 
 def _msmt_layout(root: Path) -> str:
@@ -320,14 +324,15 @@ def read_randperson(root: str | Path) -> BenchmarkDataset:
     _require_dirs(root, "RandPerson", ["randperson_subset"])
     folder = root / "randperson_subset"
     rule = "'PID_sSCENE_cCAM_fFRAME.jpg' (e.g. 00000000_s00_c00_f000055.jpg)"
-    recs = []
-    for path, m in _parse_names(folder, RANDPERSON_NAME, rule):
+    recs, skipped = [], []
+    for path, m in _parse_names(folder, RANDPERSON_NAME, rule, skipped):
         scene, cam, frame_digits = int(m.group(2)), int(m.group(3)), m.group(4)[:6]
         if scene >= len(RANDPERSON_CAM_OFFSETS):
             raise QAConvError(f"{path}: RandPerson scenes are s00..s{len(RANDPERSON_CAM_OFFSETS) - 1:02d}")
         time = (RANDPERSON_FRAME_OFFSETS[scene] + int(frame_digits)) / SYNTH_FPS
         recs.append(Record(str(path), int(m.group(1)), RANDPERSON_CAM_OFFSETS[scene] + cam, time))
-    return _build("randperson", root, {"train": recs}, True, f"randperson: RandPerson subset in {folder}")
+    return _build("randperson", root, {"train": recs}, True, f"randperson: RandPerson subset in {folder}",
+                  skipped=skipped)
 
 
 def read_clonedperson(root: str | Path) -> BenchmarkDataset:
@@ -341,14 +346,16 @@ def read_clonedperson(root: str | Path) -> BenchmarkDataset:
     subdirs = {"train": "train", "gallery": "test/gallery", "query": "test/query"}
     _require_dirs(root, "ClonedPerson", list(subdirs.values()))
     rule = "'PID_sSCENE_cCAM_fFRAME.jpg' (e.g. 000000_s00_c00_f000000.jpg)"
+    skipped: list[str] = []
     splits = {
         split: [
             Record(str(path), int(m.group(1)), CLONEDPERSON_CAM_OFFSET + int(m.group(3)), int(m.group(4)) / SYNTH_FPS)
-            for path, m in _parse_names(root / sub, CLONEDPERSON_NAME, rule)
+            for path, m in _parse_names(root / sub, CLONEDPERSON_NAME, rule, skipped)
         ]
         for split, sub in subdirs.items()
     }
-    return _build("clonedperson", root, splits, True, f"clonedperson: ClonedPerson layout in {root}")
+    return _build("clonedperson", root, splits, True, f"clonedperson: ClonedPerson layout in {root}",
+                  skipped=skipped)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -395,9 +402,11 @@ def combine(datasets: list[ReidDataset]) -> ReidDataset:
     train: list[Record] = []
     pid_offset = cam_offset = 0
     junk = 0
+    labels: dict[int, str] = {}
     for data in datasets:
         relabelled = relabel_pids(data.train)
         train += [Record(r.path, r.pid + pid_offset, r.camid + cam_offset, r.time) for r in relabelled]
+        labels.update({c + cam_offset: f"{data.name}:{data.cam_label(c)}" for c in {r.camid for r in relabelled}})
         pid_offset += len({r.pid for r in relabelled})
         cam_offset += max((r.camid for r in relabelled), default=-1) + 1
         junk += data.junk_dropped.get("train", 0)
@@ -409,4 +418,6 @@ def combine(datasets: list[ReidDataset]) -> ReidDataset:
         gallery=[],
         has_time=all(d.has_time for d in datasets),
         junk_dropped={"train": junk, "query": 0, "gallery": 0},
+        cam_labels=labels,
+        skipped=[f"{d.name}: {p}" for d in datasets for p in d.skipped],
     )

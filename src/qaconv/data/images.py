@@ -5,6 +5,9 @@ Every image goes through :func:`read_rgb`, which converts grayscale, palette, RG
 truncated, not an image) raises :class:`QAConvError` naming the file, unless the dataset is built with
 ``skip_bad=True``: then it yields ``None`` and :func:`collate_skip_bad` drops it from the batch and
 reports how many were dropped, which also works with DataLoader worker processes.
+
+Which files count as images (``IMAGE_SUFFIXES``: .jpg .jpeg .png .bmp .webp .tif .tiff, any case) is defined
+once in :mod:`qaconv.data.filetypes` and re-exported here.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import QAConvError
 from ..progress import progress_bar
+from .filetypes import IMAGE_SUFFIXES, IMAGE_TYPES, check_image_file, describe_skipped, list_image_files  # noqa: F401
 from .records import Record
 
 # What PIL raises for unreadable files: OSError (incl. UnidentifiedImageError, truncation, missing file),

@@ -8,11 +8,13 @@ Format (README-ready)::
     /data/q/0007.jpg,7,cam_front,3.0,query
     /data/g/0007.jpg,7,cam_back,9.5,gallery
 
-- ``path``: image file, relative to the CSV's folder or absolute.
+- ``path``: image file (see :data:`qaconv.data.filetypes.IMAGE_SUFFIXES`), relative to the CSV's folder or
+  absolute.
 - ``pid``: integer identity. Rows with pid ``-1`` are junk and dropped (counted per split).
 - ``camid``: camera; integers or any strings. The distinct values of the whole file are mapped to
   ``0..C-1`` in sorted order (numeric order when all are integers), so ``0,1,2`` stay as they are and
-  ``1,2,3`` or ``cam_a,cam_b`` become ``0,1,2`` / ``0,1``. The same mapping is used for all splits.
+  ``1,2,3`` or ``cam_a,cam_b`` become ``0,1,2`` / ``0,1``. The same mapping is used for all splits; reports
+  show the labels as written (``ReidDataset.cam_label``).
 - ``time`` (optional): time stamp in seconds (any float); an empty cell means no time. Time-based
   features are used only when every row has a time.
 - ``split`` (optional): ``train``, ``query`` or ``gallery`` (case-insensitive). Without this column
@@ -29,6 +31,7 @@ import math
 from pathlib import Path
 
 from ..errors import QAConvError
+from .filetypes import IMAGE_TYPES, is_image_name
 from .market import ReidDataset
 from .records import Record, relabel_pids
 
@@ -142,6 +145,13 @@ def load_manifest(csv_path: str | Path, name: str | None = None) -> ReidDataset:
             f"{len(missing_files)} image file(s) in column 'path' do not exist (relative paths are "
             f"taken from {base}): {shown}{more}"
         )
+    not_images = [(line, p) for line, p, *_ in parsed if not is_image_name(p)]
+    if not_images:
+        shown = "; ".join(f"{csv_path}:{line}: {p}" for line, p in not_images[:3])
+        more = f" and {len(not_images) - 3} more" if len(not_images) > 3 else ""
+        raise QAConvError(
+            f"{len(not_images)} file(s) in column 'path' are not image files (expected {IMAGE_TYPES}): {shown}{more}"
+        )
 
     cams = _camid_map([camid for *_, camid, _, _ in parsed])
     records: dict[str, list[Record]] = {s: [] for s in SPLIT_NAMES}
@@ -161,4 +171,5 @@ def load_manifest(csv_path: str | Path, name: str | None = None) -> ReidDataset:
         gallery=records["gallery"],
         has_time=bool(kept) and all(r.time is not None for r in kept),
         junk_dropped=junk,
+        cam_labels={i: label for label, i in cams.items()},
     )

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import QAConvError
+from .filetypes import IMAGE_SUFFIXES, describe_skipped, list_image_files
 from .records import MARKET_FPS, MARKET_NAME, Record, relabel_pids
 
 SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+__all__ = ["IMAGE_SUFFIXES", "SPLITS", "ReidDataset", "load_market_layout", "market_session_offsets"]
 
 
 @dataclass
@@ -24,13 +25,24 @@ class ReidDataset:
     gallery: list[Record]
     has_time: bool
     junk_dropped: dict[str, int] = field(default_factory=dict)
+    cam_labels: dict[int, str] = field(default_factory=dict)  # camid -> the user's camera label, where known
+    skipped: list[str] = field(default_factory=list)  # non-image files met in the split folders
 
     @property
     def num_train_pids(self) -> int:
         return len({r.pid for r in self.train})
 
+    def cam_label(self, camid: int) -> str:
+        """The camera's label as the user wrote it (a manifest's ``camid`` value, ``c3`` for Market-style names);
+        ``c{camid + 1}`` when the loader recorded none."""
+        return self.cam_labels.get(int(camid), f"c{int(camid) + 1}")
+
+    def skipped_note(self) -> str:
+        """'' or one sentence counting and naming the non-image files left out (see :attr:`skipped`)."""
+        return describe_skipped(self.skipped, f"in {self.root}")
+
     def summary(self) -> str:
-        """A few lines: identities, images and cameras per split."""
+        """A few lines: identities, images and cameras per split (and the non-image files skipped)."""
         lines = [f"dataset {self.name} ({self.root})"]
         for split in ("train", "query", "gallery"):
             recs = getattr(self, split)
@@ -38,17 +50,18 @@ class ReidDataset:
                 f"  {split:8s} {len({r.pid for r in recs}):6d} ids {len(recs):7d} images "
                 f"{len({r.camid for r in recs}):3d} cameras"
             )
+        if self.skipped:
+            lines.append(f"  {self.skipped_note()}")
         return "\n".join(lines)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def _parse_split(folder: Path) -> list[tuple[Path, int, int, int, int]]:
-    """(path, pid, cam 1-based, session, frame) for every image; bad names or camera c0 raise one error."""
+def _parse_split(folder: Path, skipped: list[str]) -> list[tuple[Path, int, int, int, int]]:
+    """(path, pid, cam 1-based, session, frame) for every image; bad names or camera c0 raise one error.
+    Non-image files are appended to ``skipped`` (as 'split folder/name')."""
     parsed, bad, cam0 = [], [], []
-    for path in _list_images(folder):
+    images, others = list_image_files(folder)
+    skipped += [f"{folder.name}/{p.name}" for p in others]
+    for path in images:
         m = MARKET_NAME.match(path.name)
         if m is None:
             bad.append(path.name)
@@ -95,22 +108,34 @@ def market_session_offsets(frames_by_cam_session: dict[tuple[int, int], list[int
     return offsets
 
 
-def load_market_layout(root: str | Path, name: str | None = None) -> ReidDataset:
+def load_market_layout(root: str | Path, name: str | None = None, require=None) -> ReidDataset:
     """Read a folder in Market-1501 layout; junk (pid -1) dropped; time = chained frame number / 25 fps.
+
+    ``require``: the splits that must be there (``train``, ``query``, ``gallery``; default all three); a
+    split folder that is absent and not required reads as an empty split. ``()`` requires only that one split
+    folder exists (e.g. ``qaconv data info`` on an evaluation-only folder). Non-image files in the split folders
+    are listed in ``skipped``; camera labels are the names' ``cN``.
 
     Session offsets are chained over the kept images of all three splits (:func:`market_session_offsets`).
     """
     root = Path(root)
     if not root.is_dir():
         raise QAConvError(f"dataset folder {root} does not exist")
-    missing = [sub for sub in SPLITS.values() if not (root / sub).is_dir()]
-    if missing:
+    require = tuple(SPLITS) if require is None else tuple(require)
+    present = {split: sub for split, sub in SPLITS.items() if (root / sub).is_dir()}
+    missing = [SPLITS[s] for s in SPLITS if s in require and s not in present]
+    if missing or not present:
         found = sorted(p.name for p in root.iterdir() if p.is_dir())[:8]
+        if require:
+            expected = f"expected folder(s) {', '.join(SPLITS[s] for s in SPLITS if s in require)}; missing " + \
+                ", ".join(missing)
+        else:
+            expected = f"expected at least one of the folders {', '.join(SPLITS.values())}"
         raise QAConvError(
-            f"{root} is not in Market-1501 layout: expected folders {', '.join(SPLITS.values())}; "
-            f"missing {', '.join(missing)}; found {', '.join(found) or 'no folders'}"
+            f"{root} is not in Market-1501 layout: {expected}; found {', '.join(found) or 'no folders'}"
         )
-    parsed = {split: _parse_split(root / sub) for split, sub in SPLITS.items()}
+    skipped: list[str] = []
+    parsed = {split: _parse_split(root / sub, skipped) if split in present else [] for split, sub in SPLITS.items()}
     kept = {split: [it for it in items if it[1] != -1] for split, items in parsed.items()}  # junk out first
     frames: dict[tuple[int, int], list[int]] = defaultdict(list)
     for items in kept.values():
@@ -133,4 +158,6 @@ def load_market_layout(root: str | Path, name: str | None = None) -> ReidDataset
         gallery=records["gallery"],
         has_time=True,
         junk_dropped=junk,
+        cam_labels={cam - 1: f"c{cam}" for items in kept.values() for _, _, cam, _, _ in items},
+        skipped=skipped,
     )

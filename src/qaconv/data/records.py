@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-MARKET_NAME = re.compile(r"^(-?\d+)_c(\d)s(\d)_(\d+)_(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
+from .filetypes import IMAGE_SUFFIXES
+
+_EXTS = "|".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+MARKET_NAME = re.compile(rf"^(-?\d+)_c(\d)s(\d)_(\d+)_(\d+)\.({_EXTS})$", re.IGNORECASE)
 MARKET_FPS = 25.0
 
 

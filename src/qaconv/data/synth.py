@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..errors import QAConvError
 from ..progress import progress_bar
+from .filetypes import list_image_files
 from .records import MARKET_FPS, market_name
 from .synth_draw import make_panorama, render_image
 from .synth_style import DOMAINS, VIEWS, CameraStyle, DomainSpec, Identity, sample_camera, sample_population
@@ -170,7 +171,7 @@ def _prepare_folder(out: Path) -> None:
         folder = out / sub
         if not folder.is_dir():
             continue
-        images = [p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+        images = list_image_files(folder)[0]
         if images and not ours:
             raise SynthArgumentError(f"{folder} already holds {len(images)} images not written by the "
                                      "synthetic generator; choose an empty or new output folder")

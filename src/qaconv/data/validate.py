@@ -55,11 +55,14 @@ def _time_range(recs: Sequence[Record]) -> tuple[float, float] | None:
 def protocol_report(dataset: ReidDataset) -> dict:
     """Statistics and warnings of a dataset as plain data (JSON-serialisable).
 
-    Keys: ``splits`` (per split ``ids``, ``images``, ``cameras``, ``camera_ids``, ``time_range`` as
-    ``[min, max]`` seconds or None when any image lacks a time), ``has_time``, ``junk_dropped``,
-    ``queries_not_evaluable``, ``not_evaluable_ids_absent`` (identities of those queries with no gallery
-    image at all), ``not_evaluable_ids_same_camera`` (the others: gallery images only from the
-    query's camera), ``train_single_image_ids``, ``empty_splits`` and ``warnings`` (sentences).
+    Keys: ``splits`` (per split ``ids``, ``images``, ``cameras``, ``camera_ids``, ``camera_labels`` (the user's
+    labels of those ids), ``time_range`` as ``[min, max]`` seconds or None when any image lacks a time),
+    ``use`` (``training and evaluation``, ``training only`` or ``evaluation only``: which splits hold images),
+    ``has_time``, ``junk_dropped``, ``queries_not_evaluable``, ``not_evaluable_ids_absent`` (identities of
+    those queries with no gallery image at all), ``not_evaluable_ids_same_camera`` (the others: gallery images
+    only from the query's camera), ``train_single_image_ids``, ``empty_splits``, ``skipped_files`` (non-image
+    files met in the dataset's folders, with ``skipped_examples``) and ``warnings`` (sentences). An empty train
+    split of an evaluation-only set, or empty query and gallery splits of a training-only set, are no warning.
     """
     splits = {}
     for split in SPLIT_NAMES:
@@ -71,16 +74,23 @@ def protocol_report(dataset: ReidDataset) -> dict:
             "images": len(recs),
             "cameras": len(cams),
             "camera_ids": cams,
+            "camera_labels": [dataset.cam_label(c) for c in cams],
             "time_range": list(tr) if tr is not None else None,
         }
     bad, absent, same_cam = _non_evaluable(dataset.query, dataset.gallery)
     per_id = Counter(r.pid for r in dataset.train)
     single = sum(1 for n in per_id.values() if n == 1)
     empty = [s for s in SPLIT_NAMES if not getattr(dataset, s)]
+    train, evaluation = bool(dataset.train), bool(dataset.query and dataset.gallery)
+    use = {(True, True): "training and evaluation", (True, False): "training only",
+           (False, True): "evaluation only"}.get((train, evaluation), "neither training nor evaluation")
 
     warnings = []
-    if empty:
-        warnings.append(f"empty split(s): {', '.join(empty)}")
+    if not train and not evaluation:
+        warnings.append(f"empty split(s): {', '.join(empty)}: nothing to train on or to evaluate")
+    elif not evaluation and (dataset.query or dataset.gallery):
+        have, lacking = ("query", "gallery") if dataset.query else ("gallery", "query")
+        warnings.append(f"empty split: {lacking} (the {have} images cannot be evaluated without it)")
     if dataset.query and dataset.gallery and bad:
         all_bad = " (no query can be evaluated)" if len(bad) == len(dataset.query) else ""
         warnings.append(
@@ -103,13 +113,16 @@ def protocol_report(dataset: ReidDataset) -> dict:
         "not_evaluable_ids_same_camera": len(same_cam),
         "train_single_image_ids": single,
         "empty_splits": empty,
+        "use": use,
+        "skipped_files": len(dataset.skipped),
+        "skipped_examples": dataset.skipped[:5],
         "warnings": warnings,
     }
 
 
 def format_info(dataset: ReidDataset, report: dict) -> str:
     """Human-readable text of :func:`protocol_report` for ``qaconv data info``."""
-    lines = [f"dataset {dataset.name} ({dataset.root})"]
+    lines = [f"dataset {dataset.name} ({dataset.root}): {report.get('use', 'training and evaluation')}"]
     for split in SPLIT_NAMES:
         s = report["splits"][split]
         tr = s["time_range"]
@@ -119,6 +132,10 @@ def format_info(dataset: ReidDataset, report: dict) -> str:
             f"  {split:8s} {s['ids']:6d} ids {s['images']:7d} images {s['cameras']:3d} cameras  {when}"
             + (f"  ({junk} junk dropped)" if junk else "")
         )
+        if s.get("camera_labels") and s["camera_labels"] != [f"c{c + 1}" for c in s["camera_ids"]]:
+            lines.append(f"  {'':8s} cameras: {', '.join(s['camera_labels'])}")
+    if dataset.skipped:
+        lines.append(dataset.skipped_note())
     if report["warnings"]:
         lines.extend(f"warning: {w}" for w in report["warnings"])
     else:

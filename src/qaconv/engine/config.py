@@ -66,15 +66,17 @@ RANGES: dict[str, tuple] = {
 
 @dataclass
 class TrainConfig:
-    """Everything a training run is made of. Field defaults are the 2.1 recipe's values (QAConv-GS) plus
-    the embedded synthetic data; :func:`resolve_config` applies a recipe and explicit options."""
+    """Everything a training run is made of. Field defaults are the 2.1 recipe's values (QAConv-GS); the
+    training set has no default (nothing is generated unless named) and no test set is evaluated unless named.
+    ``data_dir`` None: benchmarks and folders under ``./data``, synthetic domains in the cache folder
+    (:func:`qaconv.data.registry.cache_dir`). :func:`resolve_config` applies a recipe and explicit options."""
 
     recipe: str = DEFAULT_RECIPE
     # data and output
-    dataset: str = "synth_A"
+    dataset: str = ""
     combine_all: bool = False
-    testsets: str = "synth_B"
-    data_dir: str = "data"
+    testsets: str = ""
+    data_dir: str | None = None
     out_dir: str = "runs/qaconv"
     # model
     arch: str = "resnet50"
@@ -193,8 +195,10 @@ class TrainConfig:
             except ValueError as exc:
                 raise QAConvError(str(exc)) from None
         if check_datasets:
-            from ..data.registry import check_dataset
+            from ..data.registry import HOW_TO_NAME, check_dataset
 
+            if not split_names(self.dataset):
+                raise QAConvError(f"no training set given: pass --dataset NAME, where NAME is {HOW_TO_NAME}")
             check_dataset(self.dataset, self.data_dir, combine_all=self.combine_all)
             for name in split_names(self.testsets):
                 check_dataset(name, self.data_dir)
@@ -213,6 +217,8 @@ def _none(value):
 def _normalise(cfg: TrainConfig) -> None:
     """Coerce values that arrive as YAML / CLI text or older configs to their canonical form."""
     cfg.ibn, cfg.pretrained, cfg.backbone_weights = _none(cfg.ibn), _none(cfg.pretrained), _none(cfg.backbone_weights)
+    cfg.data_dir = _none(cfg.data_dir)
+    cfg.dataset, cfg.testsets = cfg.dataset or "", cfg.testsets or ""
     cfg.qaconv_version = str(cfg.qaconv_version)
     if cfg.augment is True or cfg.augment is False:  # configs before recipes: augment on/off
         cfg.augment = "full" if cfg.augment else "none"

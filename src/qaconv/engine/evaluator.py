@@ -23,7 +23,7 @@ from ..errors import QAConvError
 from ..matching import fold_head, pick_device
 from ..metrics import RankResult, evaluate_rank
 from ..models.pooled import PooledCosine
-from ..names import safe_stem
+from ..names import safe_stem, short_names
 from ..progress import progress_bar
 from ..rerank import candidate_lists, k_reciprocal_knn
 from .distributed import (
@@ -666,7 +666,9 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
     """Evaluate on each named test set; prints a table and logs one metrics.jsonl row per set and row.
 
     ``cfg``: a :class:`~qaconv.engine.config.TrainConfig` or a dict of its fields (the run's evaluation
-    options are read from it). Keys of the result: the test-set name, and ``NAME +RR`` (``cfg['rerank']`` or
+    options are read from it). Test sets are shown by short names (:func:`qaconv.names.short_names`: a path's
+    base name, unique among ``testsets``; ``metrics.jsonl`` rows add ``testset_source``, the name as given, when
+    it differs). Keys of the result: that name, and ``NAME +RR`` (``cfg['rerank']`` or
     ``cfg['tlift']``), ``NAME +RR+TLift`` (``cfg['tlift']``) and ``NAME +TLift(unofficial)``
     (``cfg['tlift_direct']``) when asked for."""
     if hasattr(cfg, "to_dict"):
@@ -682,9 +684,14 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
         from ..report import check_report_dir
 
         check_report_dir(cfg["report"])  # fail before the evaluation
-    for name in filter(None, names):
+    names = list(filter(None, names))
+    shown = short_names(names)  # tables, reports and file names use short, unique test-set names
+    for name in names:
         with main_first():  # a synthetic test set is generated once, by rank 0
-            data = load_dataset(name, cfg["data_dir"], progress=progress)
+            data = load_dataset(name, cfg.get("data_dir"), progress=progress, require=("query", "gallery"))
+        data.name = shown[name]
+        if progress and data.skipped:
+            print(f"{data.name}: {data.skipped_note()}")
         kept = {} if cfg.get("report") and is_main() and first_error is None else None
         try:
             rows, seconds = evaluate_dataset(model, matcher, data, cfg, progress=progress, out_dir=out_dir, keep=kept)
@@ -692,11 +699,12 @@ def evaluate(model, matcher, cfg, testsets, out_dir=None, progress=True) -> dict
             rows, seconds = exc.results, exc.seconds
             first_error = first_error or QAConvError(str(exc))
         for label, result in rows.items():
-            results[f"{name} {label}".strip()] = result
+            results[f"{data.name} {label}".strip()] = result
             if out_dir is not None and is_main():
                 row = {
                     "type": "eval",
-                    "testset": name,
+                    "testset": data.name,
+                    **({"testset_source": name} if name != data.name else {}),
                     "post": label or "none",
                     **result.to_dict(),
                     "num_invalid_queries": result.num_invalid,

@@ -127,7 +127,7 @@ def train(
     which removes the old run's checkpoint, config and metrics first. Under torchrun (``WORLD_SIZE`` > 1) every process
     joins the group and trains its share (DDP)."""
     config = cfg if isinstance(cfg, TrainConfig) else from_dict(cfg)
-    cfg = config.validate(check_datasets=True).to_dict()
+    cfg = config.validate(check_datasets=not resume).to_dict()  # a resumed run's data: checked once merged
     init_from_env(cfg.get("device"))
     progress = progress and is_main()
     out = Path(cfg["out_dir"])
@@ -147,7 +147,7 @@ def train(
                 "(a run continues as it was set up: start a new run with -o to change them)"
             )
         runtime = [k for k in RUNTIME_KEYS if given is None or k in given]
-        cfg = from_dict({**saved, **{k: cfg[k] for k in runtime}}).validate().to_dict()
+        cfg = from_dict({**saved, **{k: cfg[k] for k in runtime}}).validate(check_datasets=True).to_dict()
     else:
         _check_new_run(out, overwrite)  # every rank looks at the same files, rank 0 removes them
         barrier()  # ... and none writes before every rank has looked (or a rank would see rank 0's new config)
@@ -157,7 +157,8 @@ def train(
     torch.manual_seed(cfg["seed"])
     model, matcher = build_model(cfg, load_weights=not resume)  # before the data: weight errors come first
     with main_first():  # a synthetic data set is generated once, by rank 0
-        data = load_dataset(cfg["dataset"], cfg["data_dir"], combine_all=cfg["combine_all"], progress=progress)
+        data = load_dataset(cfg["dataset"], cfg["data_dir"], combine_all=cfg["combine_all"], progress=progress,
+                            require=("train",))
     if progress:
         if getattr(data, "found", ""):
             print(data.found)
@@ -205,6 +206,8 @@ def train(
     results = {}
     if cfg.get("testsets"):
         results = evaluate(model, matcher, cfg, cfg["testsets"], out_dir=out, progress=progress)
+    elif progress:
+        print(f"no test set named (--testsets): evaluate with 'qaconv evaluate --checkpoint {out} --testsets NAME'")
     return {
         "config": cfg,
         "epochs": epochs,

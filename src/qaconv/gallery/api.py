@@ -133,7 +133,7 @@ class Gallery:
         from ..extractor import FeatureExtractor
 
         extractor = FeatureExtractor(checkpoint, device=device, batch_size=batch_size)
-        identity = model_identity(extractor, checkpoint)
+        identity = model_identity(extractor)
         store = Store.create(path, identity, None if root is None else str(Path(root).resolve()))
         g = cls(store, checkpoint, device, batch_size)
         g._extractor = extractor
@@ -228,7 +228,7 @@ class Gallery:
                     raise QAConvError(f"the checkpoint this store was built with, {ckpt}, does not exist: open it "
                                       "with the checkpoint (Gallery.open(path, checkpoint) / --checkpoint)")
                 extractor = FeatureExtractor(ckpt, device=self._device, batch_size=self._batch_size)
-                check_identity(self._store.model, model_identity(extractor, ckpt), f"the gallery store {self.path}",
+                check_identity(self._store.model, model_identity(extractor), f"the gallery store {self.path}",
                                "rebuild the store")
                 self._extractor = extractor
             return self._extractor
@@ -285,14 +285,18 @@ class Gallery:
         lies in (``camA/img_001.jpg`` -> ``camA``; an image directly in ``folder`` is refused); ``workers``:
         image-decoding threads (default 2); ``chunk``: images extracted and committed at a time (default
         4096; a kill keeps the chunks committed before it). Sets :attr:`root` to ``folder``. Returns a report:
-        ``added``, ``skipped`` (already in the store), ``unreadable`` ([(path, reason)]), ``manifest_unmatched``.
+        ``added``, ``skipped`` (already in the store), ``unreadable`` ([(path, reason)]), ``manifest_unmatched``,
+        ``not_images`` (relative paths of the files that are not images, see
+        :data:`~qaconv.data.filetypes.IMAGE_SUFFIXES`).
         """
-        from ..data.market import IMAGE_SUFFIXES
+        from ..data.filetypes import IMAGE_TYPES, describe_skipped
 
         root = Path(folder).resolve()
-        rel = list_images(folder)
+        others: list[str] = []
+        rel = list_images(folder, others)
         if not rel:
-            raise QAConvError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in gallery folder {folder}")
+            raise QAConvError(f"no images ({IMAGE_TYPES}) in gallery folder {folder}"
+                              + (f"; {describe_skipped(others)}" if others else ""))
         man = read_gallery_manifest(manifest) if manifest else None
         unmatched = len(set(man) - {str((root / p).resolve()) for p in rel}) if man else 0
         named = folder_meta if cam_from_folder else (lambda p, _root: parse_name(p))
@@ -302,7 +306,8 @@ class Gallery:
                     named(p, folder)
         known = self._store.positions()
         todo = [p for p in rel if p not in known]
-        report = {"added": 0, "skipped": len(rel) - len(todo), "unreadable": [], "manifest_unmatched": unmatched}
+        report = {"added": 0, "skipped": len(rel) - len(todo), "unreadable": [], "manifest_unmatched": unmatched,
+                  "not_images": others}
         if todo:
             extractor = self.extractor
             self._store.set_root(str(root))

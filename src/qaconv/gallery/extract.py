@@ -13,22 +13,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.filetypes import list_image_files
 from ..data.images import read_rgb
-from ..data.market import IMAGE_SUFFIXES
 from ..errors import QAConvError
 from ..progress import progress_bar
 
 
-def list_images(folder: str | Path) -> list[str]:
-    """Image files (.jpg, .jpeg, .png) under ``folder``, recursively, as sorted '/'-relative paths."""
+def list_images(folder: str | Path, skipped: list | None = None, what: str = "gallery folder") -> list[str]:
+    """Image files (:data:`~qaconv.data.filetypes.IMAGE_SUFFIXES`) under ``folder``, recursively, as sorted
+    '/'-relative paths; the other files' relative paths are appended to ``skipped`` when it is a list.
+    ``what`` names the folder in the error for a missing one."""
     folder = Path(folder)
+    if not folder.exists():
+        raise QAConvError(f"{what} {folder} does not exist")
     if not folder.is_dir():
-        raise QAConvError(f"gallery folder {folder} does not exist or is not a folder")
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-    )
+        raise QAConvError(f"{what} {folder} is not a folder")
+    images, others = list_image_files(folder, recursive=True)
+    if skipped is not None:
+        skipped += sorted(p.relative_to(folder).as_posix() for p in others)
+    return sorted(p.relative_to(folder).as_posix() for p in images)
 
 
 def check_finite_rows(ok: np.ndarray, paths, what: str, advice: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
 
 import torch
 
@@ -19,10 +18,12 @@ from ..errors import QAConvError
 HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
-def model_identity(extractor, checkpoint: str | Path) -> dict:
+def model_identity(extractor) -> dict:
     """``{"checkpoint", "hash", "feature_shape"}`` of a :class:`~qaconv.extractor.FeatureExtractor`.
 
-    The hash covers the model-defining config (or the input size) and every weight of model and matcher.
+    The hash covers the model-defining config (or the input size) and every weight of model and matcher;
+    ``checkpoint`` is the extractor's own (its resolved path; ``"(in-memory model)"`` for one built from a
+    model), used in messages only.
     """
     from ..engine.runner import MODEL_KEYS
 
@@ -38,7 +39,9 @@ def model_identity(extractor, checkpoint: str | Path) -> dict:
         shape = (int(extractor.model.out_channels), *(int(s) for s in extractor.feature_size))
     else:
         shape = tuple(int(s) for s in extractor(torch.zeros(3, extractor.height, extractor.width)).shape[1:])
-    return {"checkpoint": str(Path(checkpoint).resolve()), "hash": h.hexdigest(), "feature_shape": shape}
+    checkpoint = getattr(extractor, "checkpoint", None)
+    return {"checkpoint": str(checkpoint) if checkpoint is not None else "(in-memory model)",
+            "hash": h.hexdigest(), "feature_shape": shape}
 
 
 def check_identity(recorded: dict, identity: dict, what: str = "the index", fix: str = "rebuild the index") -> None:

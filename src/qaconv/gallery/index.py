@@ -16,7 +16,7 @@ scores of those only, gathered from the fp16 maps (the whole gallery is never ca
 Example::
 
     ex = FeatureExtractor("runs/r18/checkpoint.pt")
-    index, report = build_index("my_gallery", ex, "runs/r18/checkpoint.pt")
+    index, report = build_index("my_gallery", ex)           # the extractor names its checkpoint
     save_index(index, "gallery.idx")
     scores, idx = search_index(load_index("gallery.idx"), ex(["probe.jpg"]), ex.matcher, k=10)
 """
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
-from ..data.market import IMAGE_SUFFIXES
+from ..data.filetypes import IMAGE_TYPES, describe_skipped
 from ..errors import QAConvError
 from ..matching import Matcher
 from ..models.pooled import PooledCosine
@@ -110,15 +110,18 @@ def _metadata(root: Path, rel: list[str], manifest: dict[str, ImageMeta] | None)
 
 def _new_images(index: GalleryIndex | None, folder, extractor, manifest, workers, progress):
     root = Path(folder).resolve()
-    rel = list_images(folder)
+    others: list[str] = []
+    rel = list_images(folder, others)
     if not rel:
-        raise QAConvError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in gallery folder {folder}")
+        raise QAConvError(f"no images ({IMAGE_TYPES}) in gallery folder {folder}"
+                          + (f"; {describe_skipped(others)}" if others else ""))
     known = set(index.paths.tolist()) if index is not None else set()
     todo = [p for p in rel if p not in known]
     man = read_gallery_manifest(manifest) if manifest else None
     unmatched = len(set(man) - {str((root / p).resolve()) for p in rel}) if man else 0
     feats, pooled, kept, bad = _extract(extractor, root, todo, workers, progress) if todo else (None, None, [], [])
-    report = {"added": len(kept), "skipped": len(rel) - len(todo), "unreadable": bad, "manifest_unmatched": unmatched}
+    report = {"added": len(kept), "skipped": len(rel) - len(todo), "unreadable": bad, "manifest_unmatched": unmatched,
+              "not_images": others}
     return root, feats, pooled, kept, _metadata(root, kept, man), report
 
 
@@ -150,14 +153,15 @@ def _assemble(root, paths, metas, feats, pooled, identity, index: GalleryIndex |
     return new
 
 
-def build_index(folder, extractor, checkpoint, manifest=None, workers: int = 2, progress: bool = True):
+def build_index(folder, extractor, *, manifest=None, workers: int = 2, progress: bool = True):
     """Index every image under ``folder``: ``(GalleryIndex, report)``.
 
-    ``extractor``: a :class:`~qaconv.extractor.FeatureExtractor` of ``checkpoint``. ``manifest``: optional
-    ``path,pid,camid[,time]`` CSV. ``workers``: image-decoding threads. ``report``: ``added``, ``skipped``,
-    ``unreadable`` ([(relative path, reason)], skipped images), ``manifest_unmatched`` (rows naming no image).
+    ``extractor``: a :class:`~qaconv.extractor.FeatureExtractor` (it carries its checkpoint and model
+    identity). ``manifest``: optional ``path,pid,camid[,time]`` CSV. ``workers``: image-decoding threads.
+    ``report``: ``added``, ``skipped`` (already indexed), ``unreadable`` ([(relative path, reason)], skipped
+    images), ``manifest_unmatched`` (rows naming no image), ``not_images`` (relative paths of the other files).
     """
-    identity = model_identity(extractor, checkpoint)
+    identity = model_identity(extractor)
     root, feats, pooled, kept, metas, report = _new_images(None, folder, extractor, manifest, workers, progress)
     if not kept:
         raise QAConvError(f"no readable images in {folder}: all {len(report['unreadable'])} failed to decode, e.g. "
@@ -165,14 +169,14 @@ def build_index(folder, extractor, checkpoint, manifest=None, workers: int = 2, 
     return _assemble(root, kept, metas, feats, pooled, identity, None), report
 
 
-def append_index(index: GalleryIndex, folder, extractor, checkpoint, manifest=None, workers: int = 2,
+def append_index(index: GalleryIndex, folder, extractor, *, manifest=None, workers: int = 2,
                  progress: bool = True):
     """Add the images of ``folder`` whose relative path is not in ``index`` yet: ``(GalleryIndex, report)``.
 
-    Refused (:class:`QAConvError`) when ``checkpoint``'s model differs from the index's. Existing entries keep
+    Refused (:class:`QAConvError`) when ``extractor``'s model differs from the index's. Existing entries keep
     their metadata; Market-name times are re-chained over the enlarged index.
     """
-    identity = model_identity(extractor, checkpoint)
+    identity = model_identity(extractor)
     check_model(index, identity)
     root, feats, pooled, kept, metas, report = _new_images(index, folder, extractor, manifest, workers, progress)
     if not kept:

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.market import IMAGE_SUFFIXES
+from ..data.filetypes import IMAGE_TYPES, check_image_file, is_image_name
 from ..errors import QAConvError
 from .extract import list_images
 
@@ -57,33 +57,29 @@ class QuerySet:
         return list(order.values())
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def collect_queries(args, tracklet: bool = False, cam_from_folder: bool = False) -> QuerySet:
+def collect_queries(args, tracklet: bool = False, cam_from_folder: bool = False,
+                    skipped: list | None = None) -> QuerySet:
     """The query crops of the QUERY arguments: image files, and folders (their images, recursively). With
     ``tracklet`` each argument is one query (a folder: a tracklet of all its images). With ``cam_from_folder``
     a crop's camera is the name of the folder it lies in (``camA/img_001.jpg`` -> ``camA``, also when the
     argument is ``camA/`` itself), a tracklet folder's camera the folder that holds it (``camA/track7/`` ->
-    ``camA``)."""
+    ``camA``). Files of other types met in query folders are appended to ``skipped`` (a list) as paths."""
     paths, names, groups, cams = [], [], [], []
     for a, arg in enumerate(map(Path, args)):
         if arg.is_dir():
-            rel = list_images(arg)
+            others: list[str] = []
+            rel = list_images(arg, others, what="query folder")
+            if skipped is not None:
+                skipped += [str(arg / p) for p in others]
             if not rel:
-                raise QAConvError(f"query folder {arg} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise QAConvError(f"query folder {arg} holds no images ({IMAGE_TYPES})")
             found = [arg / p for p in rel]
             if cam_from_folder:
                 cams += [arg.resolve().parent.name] * len(rel) if tracklet else [p.resolve().parent.name for p in found]
-        elif arg.is_file() and _is_image(arg):
-            found = [arg]
+        else:
+            found = [check_image_file(arg, "query")]  # "does not exist" or "is not an image file"
             if cam_from_folder:
                 cams.append(arg.resolve().parent.name)
-        elif arg.exists():
-            raise QAConvError(f"query {arg} is not an image file ({', '.join(IMAGE_SUFFIXES)}) or a folder")
-        else:
-            raise QAConvError(f"query {arg} does not exist")
         paths += found
         if tracklet:
             names.append(str(arg))
@@ -122,10 +118,10 @@ def read_query_manifest(csv_path: str | Path) -> QuerySet:
                     raise QAConvError(f"{line}: column 'path' is empty")
                 path = Path(cell["path"]).expanduser()
                 path = path if path.is_absolute() else csv_path.parent / path
-                if not path.is_file():
-                    raise QAConvError(f"{line}: image {cell['path']} does not exist")
-                if not _is_image(path):
-                    raise QAConvError(f"{line}: {cell['path']} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
+                if not path.is_file() or not is_image_name(path):  # the message names the path as written
+                    what = "does not exist" if not path.exists() else "is a folder, not an image file" if \
+                        path.is_dir() else f"is not an image file (expected {IMAGE_TYPES})"
+                    raise QAConvError(f"{line}: image {cell['path']} {what}")
                 key = str(path.resolve())
                 if key in seen:
                     raise QAConvError(f"{line}: image {cell['path']} is listed twice")

@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from ..data.filetypes import IMAGE_TYPES, is_image_name
 from ..errors import QAConvError
 from .api import Gallery
 
@@ -95,6 +96,8 @@ def resolve_under(root: Path | None, path: str) -> Path:
         raise ServiceError(403, f"{path!r} is outside the image root")
     if not target.is_file():
         raise ServiceError(404, f"{path!r} does not exist under the image root")
+    if not is_image_name(target):
+        raise ServiceError(415, f"{path!r} is not an image file (expected {IMAGE_TYPES})")
     return target
 
 
@@ -106,7 +109,7 @@ def _read_image(data: bytes, name: str):
             img.load()
             return img.convert("RGB")
     except Exception:  # PIL raises many types for non-images and broken files
-        raise ServiceError(415, f"{name!r} is not a readable image (jpg, png, bmp, webp, tif)") from None
+        raise ServiceError(415, f"{name!r} is not a readable image ({IMAGE_TYPES})") from None
 
 
 def _read_file(path: Path, limit: int):
