@@ -410,3 +410,59 @@ def test_evaluation_report_shows_histograms_roc_and_tar_at_far(calibrated, tmp_p
     assert f"<td>{100 * row['tar']:.2f}%</td><td>{row['threshold']:.4f}</td>" in page  # the calibration's numbers
     assert page.count("different-identity pairs, there are") == 2  # FAR 1e-3 and 1e-4 with fewer than 1,000 negatives
     assert f"{c['pairs']['positive']:,} same-identity and {c['pairs']['negative']:,} different-identity" in page
+
+
+def test_cli_search_gives_verdicts_per_result_or_says_uncalibrated(calibrated, tiny_domain, tmp_path, capsys):
+    """search --json: with calibration.json beside the checkpoint every hit of a crop query carries the verdict
+    of its logit under the file's bands (checked against the thresholds by hand) and P(same) = the Platt
+    sigmoid written out here; tracklet aggregates and a checkpoint without calibration carry none, and say why."""
+    import json
+
+    run, _, _ = calibrated
+    store = tmp_path / "g.store"
+    assert main(["index", str(tiny_domain / "bounding_box_test"), "--checkpoint", str(run), "-o", str(store),
+                 "--device", "cpu"]) == 0  # fmt: skip
+    c = cal.load_calibration(run / "calibration.json")
+    queries = sorted((tiny_domain / "query").iterdir())[:3]
+    # bands placed among this search's logits, so that all three verdicts occur
+    custom = tmp_path / "custom.json"
+    argv = ["search", *map(str, queries), "--index", str(store), "--checkpoint", str(run), "--json", "--top", "8",
+            "--include-same-camera", "--device", "cpu"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*argv]) == 0
+    res = json.loads(capsys.readouterr().out)
+    scores = np.sort([h["score"] for r in res for h in r["results"]])
+    c["bands"].update(same_threshold=float(scores[-3]), different_threshold=float(scores[3]))
+    cal.save_calibration(c, custom)
+    assert main([*argv, "--calibration", str(custom)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    a, b = c["platt"]["a"], c["platt"]["b"]  # prior 0.5 = the fit's prior: no shift
+    seen = set()
+    for r in res:
+        assert r["calibrated"] is True and r["verdict_note"] is None
+        for h in r["results"]:
+            want = "same person" if h["score"] >= scores[-3] else "different" if h["score"] < scores[3] else \
+                "uncertain"
+            assert h["verdict"] == want
+            assert h["p_same"] == pytest.approx(1 / (1 + math.exp(-(a * h["score"] + b))), rel=1e-12)
+            seen.add(want)
+    assert seen == set(cal.VERDICTS)
+    assert main([a for a in argv if a != "--json"] + ["--calibration", str(custom)]) == 0  # the table: columns
+    table = capsys.readouterr().out
+    assert "verdict" in table and "P(same)" in table
+    # a tracklet aggregate gets no verdict, and says why
+    track = tmp_path / "track"
+    track.mkdir()
+    for q in [q for q in sorted((tiny_domain / "query").iterdir()) if "_c1s" in q.name][:2]:
+        shutil.copy(q, track / q.name)
+    assert main(["search", str(track), "--tracklet", "--index", str(store), "--checkpoint", str(run),
+                 "--json", "--include-same-camera", "--calibration", str(custom), "--device", "cpu"]) == 0  # fmt: skip
+    res = json.loads(capsys.readouterr().out)
+    assert "no verdict" in res[0]["verdict_note"] and all(h["verdict"] is None for h in res[0]["results"])
+    # without calibration.json: uncalibrated, and how to calibrate
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("calibration.*"))
+    assert main([*argv[:3], "--index", str(store), "--checkpoint", str(bare), "--json", "--device", "cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)[0]  # the store knows its model by content: the copy is the same model
+    assert r["calibrated"] is False and "uncalibrated" in r["verdict_note"]
+    assert "qaconv calibrate --checkpoint" in r["verdict_note"] and "verdict" not in r["results"][0]

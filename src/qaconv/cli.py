@@ -665,6 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score of a tracklet pair: mean or max of the QAConv logits of its crop pairs")
     p.add_argument("--group-tracks", action="store_true",
                    help="list gallery tracklets (the store's track labels), not crops")
+    p.add_argument("--calibration", default=None, metavar="JSON",
+                   help="calibration from 'qaconv calibrate': a verdict and P(same) per result of a crop query ranked "
+                   "by QAConv logits (default: calibration.json beside the checkpoint, if there; without one the "
+                   "scores are reported as uncalibrated)")
     p.add_argument("--index", required=True, help="gallery store written by 'qaconv index'")
     p.add_argument("--checkpoint", required=True, help="the checkpoint the store was built with")
     p.add_argument("--top", default=10, type=_positive(int), help="results per query")
@@ -834,21 +838,27 @@ def _cmd_match(args) -> None:
 
 
 def _print_verdict(args, extractor, score: float) -> None:
-    """The verdict line of ``qaconv match`` (see qaconv.calibrate.verdict); a calibration of another model is
-    refused in one line on stderr and the score reported as uncalibrated."""
-    from .calibrate import find_calibration, verdict
-    from .gallery import model_identity
+    """The verdict line of ``qaconv match`` (see qaconv.calibrate.verdict)."""
+    from .calibrate import verdict
 
     # official semantics report sigmoid(logit / 10) of the gallery-as-kernel logit: recover that logit
     logit = score if args.semantics == "default" else 10 * math.log(max(score, 1e-300) / max(1 - score, 1e-300))
+    print(f"verdict: {verdict(logit, _calibration(args, extractor, 'match'))['message']}")
+
+
+def _calibration(args, extractor, command: str):
+    """``--calibration`` (or calibration.json beside the checkpoint) for ``extractor``'s model, or None; one made
+    for another model is an error when asked for explicitly, else refused in one line on stderr."""
+    from .calibrate import find_calibration
+    from .gallery import model_identity
+
     try:
-        cal = find_calibration(args.checkpoint, model_identity(extractor), args.calibration)
+        return find_calibration(args.checkpoint, model_identity(extractor), args.calibration)
     except QAConvError as exc:
         if args.calibration:  # asked for explicitly: an error
             raise
-        print(f"qaconv match: calibration refused: {_printable(exc)}", file=sys.stderr)
-        cal = None
-    print(f"verdict: {verdict(logit, cal)['message']}")
+        print(f"qaconv {command}: calibration refused: {_printable(exc)}", file=sys.stderr)
+        return None
 
 
 def _cmd_calibrate(args) -> None:
@@ -1046,7 +1056,7 @@ def _cmd_search(args) -> None:
         gallery, qs, maps, top=args.top, candidates=args.candidates, exhaustive=True if args.exhaustive else None,
         cameras=cameras, time_window=window, exclude_same_camera=args.exclude_same_camera,
         query_cam=args.query_cam, query_time=args.query_time, tlift=lift, aggregate=args.aggregate,
-        group_tracks=args.group_tracks,
+        group_tracks=args.group_tracks, calibration=_calibration(args, extractor, "search"),
     )  # fmt: skip
     if args.json:
         print(json.dumps(results, indent=2))

@@ -3,9 +3,14 @@
 
 One dict per query (a crop or a tracklet): ``query`` (its name), ``crops`` (its image paths), ``pid``, ``cam``,
 ``time`` (earliest crop), ``track``, ``score_kind`` (what the scores are, in words), ``aggregate`` (``mean`` /
-``max`` over crop pairs, or None), ``same_camera_excluded`` (bool) and ``results`` (the hits of
-:meth:`Gallery.search`; ``query_crop`` as the crop's path). Every numeric field is a number, every unknown
-value None.
+``max`` over crop pairs, or None), ``same_camera_excluded`` (bool), ``calibrated`` (bool), ``verdict_note``
+(why the hits carry no verdict, or None) and ``results`` (the hits of :meth:`Gallery.search`; ``query_crop`` as
+the crop's path; with a calibration each hit also has ``verdict`` and ``p_same``, see
+:func:`qaconv.calibrate.verdict`). Every numeric field is a number, every unknown value None.
+
+Verdicts need one pair's QAConv logit, which is what ``qaconv calibrate`` measured: they are given for crop
+queries ranked by QAConv logits, not for tracklet aggregates (a mean or max over many crop pairs is distributed
+otherwise) nor for TLift-lifted similarities.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import math
 
 import numpy as np
 
+from ..calibrate import HOW_TO, verdict
 from ..errors import QAConvError
 from .queries import QuerySet, expand
 
@@ -41,11 +47,12 @@ def _common(values):
 def search_queries(gallery, qs: QuerySet, maps, *, top: int = 10, candidates: int = 100, exhaustive=None,
                    cameras=None, time_window=None, exclude_same_camera=None, query_cam: str | None = None,
                    query_time: str | None = None, tlift: dict | None = None, aggregate: str = "mean",
-                   group_tracks: bool = False) -> list[dict]:
+                   group_tracks: bool = False, calibration: dict | None = None) -> list[dict]:
     """Search ``gallery`` with the queries ``qs`` (their feature maps ``maps``, one per crop) and answer one dict
     per query (module docstring). ``query_cam`` / ``query_time``: comma-separated, one or one per query (not
     with cameras or times the query set already has). ``exclude_same_camera``: None = for each query whose
     camera is known. ``tlift``: TLift's parameters (tau, sigma, tlift_k, alpha), or None for QAConv logits.
+    ``calibration``: a :func:`qaconv.calibrate.load_calibration` result for verdicts (module docstring).
     Camera labels no entry has (filters or queries) are refused, listing the store's."""
     if query_cam is not None and qs.cams is not None:
         raise QAConvError("--query-cam does not combine with --cam-from-folder or --query-manifest (they give the "
@@ -79,6 +86,7 @@ def search_queries(gallery, qs: QuerySet, maps, *, top: int = 10, candidates: in
     else:
         ranked = gallery.search(maps, **kw)
         kind = LOGIT_KIND
+    note = _verdict_note(kind, calibration)
     out = []
     for qi, crops in enumerate(qs.crops_of()):
         cam = _common(labels[i] for i in crops) or None
@@ -88,11 +96,24 @@ def search_queries(gallery, qs: QuerySet, maps, *, top: int = 10, candidates: in
         for h in hits:
             if "query_crop" in h:
                 h["query_crop"] = str(qs.paths[h["query_crop"]])
+            if calibration is not None:
+                v = verdict(h["score"], calibration) if note is None else None
+                h["verdict"], h["p_same"] = (v["verdict"], v["probability"]) if v else (None, None)
         out.append({"query": qs.names[qi], "crops": [str(qs.paths[i]) for i in crops],
                     "pid": pid if pid is not None and pid >= 0 else None, "cam": cam, "time": min(t) if t else None,
                     "track": qs.tracks[qi], "score_kind": kind, "aggregate": aggregate if grouped else None,
-                    "same_camera_excluded": bool(cam) and exclude_same_camera is not False, "results": hits})
+                    "same_camera_excluded": bool(cam) and exclude_same_camera is not False,
+                    "calibrated": calibration is not None, "verdict_note": note, "results": hits})
     return out
+
+
+def _verdict_note(kind: str, calibration: dict | None) -> str | None:
+    """Why the hits carry no verdict (None when they do)."""
+    if calibration is None:
+        return f"scores are uncalibrated: {HOW_TO}"
+    if kind != LOGIT_KIND:
+        return f"no verdict on a {kind} (the calibration is of one pair's QAConv logit)"
+    return None
 
 
 def format_results(results: list[dict], printable=str) -> str:
@@ -104,15 +125,22 @@ def format_results(results: list[dict], printable=str) -> str:
             what.append(f"{len(res['crops'])} crops")
         note = "; same-camera entries excluded" if res["same_camera_excluded"] else ""
         lines.append(f"query {printable(res['query'])} ({', '.join(what)}); score = {res['score_kind']}{note}")
+        if res.get("verdict_note"):
+            lines.append(f"  ({res['verdict_note']})")
+        verdicts = any(h.get("verdict") for h in res["results"])
         tracks = any(h.get("track") for h in res["results"]) or any("crops" in h for h in res["results"])
         head = f"{'rank':>4s} {'score':>9s} {'pid':>6s} {'cam':>6s}" + (f" {'track':>8s} {'crops':>5s}" if tracks
                                                                            else "")
+        if verdicts:
+            head += f" {'verdict':>11s} {'P(same)':>7s}"
         lines.append(f"{head}  path")
         for h in res["results"]:
             row = f"{h['rank']:4d} {h['score']:9.4f} {h['pid'] if h['pid'] is not None else '-':>6} " \
                   f"{printable(h['cam'] or '-'):>6s}"
             if tracks:
                 row += f" {printable(h.get('track') or '-'):>8s} {h.get('crops', 1):5d}"
+            if verdicts:
+                row += f" {h['verdict']:>11s} {h['p_same']:7.3f}"
             lines.append(f"{row}  {printable(h['path'])}")
         if not res["results"]:
             lines.append("  (no gallery entry passes the filters)")

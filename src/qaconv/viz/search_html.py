@@ -131,6 +131,8 @@ def write_search_html(out: str | Path, results: list[dict], root: str | Path, ti
                 head.append(f"tracklet of {len(crops)} crops")
             kind = q.get("score_kind") or q.get("score") or ""
             note = "; same-camera entries excluded" if q.get("same_camera_excluded") else ""
+            if q.get("verdict_note"):
+                note += f" ({q['verdict_note']})"
             parts.append(f'<div class="q"><h2>{html.escape(" · ".join(head))}; score: {html.escape(str(kind))}'
                          f"{html.escape(note)}</h2><div class=\"row\">")
             for ci, crop in enumerate(crops[:QUERY_CROPS_SHOWN]):
@@ -143,6 +145,8 @@ def write_search_html(out: str | Path, results: list[dict], root: str | Path, ti
                          f"pid {r['pid'] if _known(r.get('pid')) else '-'} · {r.get('cam') or '-'}"]
                 if r.get("track") or r.get("crops", 1) > 1:
                     lines.append(f"track {r.get('track') or '-'} ({r.get('crops', 1)} crops)")
+                if r.get("verdict"):
+                    lines.append(f"{r['verdict']} · P(same) {r['p_same']:.2f}")
                 lines.append(str(r["path"]))
                 gallery_image = Path(root) / r["path"]
                 extra = ""
