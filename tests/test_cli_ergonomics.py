@@ -103,7 +103,7 @@ def test_did_you_mean(argv, line, capsys):
         (["search", "q.jpg", "--index", "i", "--checkpoint", "c", "--zzzzzz"], "unrecognized arguments: --zzzzzz"),
         (["search", "q.jpg", "--index", "i", "--checkpoint", "c", "--alpha", "-1"], "--alpha: must be >= 0"),
         (["search", "q.jpg", "--index", "i", "--checkpoint", "c", "--tau", "-1e9"], "--tau: expected one argument"),
-        (["search", "--index", "i", "--checkpoint", "c"], "the following arguments are required: QUERY"),
+        (["search", "q.jpg"], "the following arguments are required: --index, --checkpoint"),
     ],
 )
 def test_no_guess_when_nothing_is_close(argv, needle, capsys):

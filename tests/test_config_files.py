@@ -235,7 +235,7 @@ def test_out_dir_from_a_file_unless_given_and_overwrite_stays_a_command_line_cho
 def test_print_config_touches_no_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shown = _printed(capsys, "-o", "runs/x", "--testsets", "synth_B,synth_C")
-    assert shown["out_dir"] == "runs/x" and shown["data_dir"] == "data"
+    assert shown["out_dir"] == "runs/x" and shown["data_dir"] is None  # benchmarks under ./data, synthetic: cache
     assert list(tmp_path.iterdir()) == []
     assert set(shown) == set(FIELD_NAMES)
 
