@@ -350,10 +350,12 @@ def search_groups(rows, take: Take, head, query_maps: torch.Tensor, q_gid: np.nd
     g_gid = rows.groups[0] if by_track else np.arange(rows.n)
 
     def scored(crops, pos):
-        parts = [_over_queries(engine.scores(q[crops], torch.from_numpy(take(rows, pos[b0 : b0 + EXHAUSTIVE_BLOCK]))
-                                             .float()).float().cpu().numpy(),
-                               np.searchsorted(np.unique(q_gid[crops]), q_gid[crops]), len(np.unique(q_gid[crops])),
-                               how) for b0 in range(0, len(pos), EXHAUSTIVE_BLOCK)]
+        groups, local = np.unique(q_gid[crops], return_inverse=True)  # the crops' groups, numbered 0..n-1
+        parts = []
+        for b0 in range(0, len(pos), EXHAUSTIVE_BLOCK):
+            maps = torch.from_numpy(take(rows, pos[b0 : b0 + EXHAUSTIVE_BLOCK])).float()
+            logits = engine.scores(q[crops], maps).float().cpu().numpy()
+            parts.append(_over_queries(logits, local.reshape(-1), len(groups), how))
         return [np.concatenate([p[i] for p in parts], axis=1) for i in range(3)]
 
     out = []
