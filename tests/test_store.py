@@ -773,3 +773,34 @@ def test_export_round_trip(tmp_path, ckpts, fmt):
             m["path"], m.get("pid"), m.get("cam"), m.get("time"), m.get("track"))
     with pytest.raises(QAConvError, match="export format must be one of csv, parquet"):
         g.export(tmp_path / "x", "feather")
+
+
+def test_open_reads_the_table_in_batches_equal_to_one_read(store, monkeypatch):
+    """The columns read batch by batch (3 rows per batch, and a capacity too small so the arrays grow) equal the
+    table read whole by Arrow, row for row; a label mismatch in a later batch is still found."""
+    import qaconv.gallery.store as st
+
+    g, _ = store
+    g.remove(paths=["e005.jpg", "e017.jpg"])  # deleted rows: ids with gaps
+    whole = g._store.rows.table.to_arrow()
+    want = g._store.rows.table.search().select(["path", "pid", "cam", "time", "pooled"]).with_row_id(True) \
+        .limit(None).to_arrow().sort_by("_rowid")
+    monkeypatch.setattr(st, "LOAD_BATCH", 3)
+    real_count = st.Store.open(g.path).rows.n
+    table = g._store.rows.table
+    reader = table.search().select([*st.META_COLUMNS, "pooled"]).with_row_id(True).limit(None).to_batches(batch_size=3)
+    cols, paths, tracks, pairs = st._read_batches(g.path, reader, st.META_COLUMNS, C, capacity=1)
+    order = np.argsort(cols["ids"])
+    assert real_count == len(paths) == whole.num_rows == 38
+    assert cols["ids"][order].tolist() == want["_rowid"].to_pylist()
+    assert [paths[i] for i in order] == want["path"].to_pylist()
+    assert cols["pids"][order].tolist() == want["pid"].to_pylist()
+    assert cols["cams"][order].tolist() == want["cam"].to_pylist()
+    np.testing.assert_array_equal(cols["stored_times"][order], want["time"].to_numpy())
+    np.testing.assert_array_equal(cols["pooled"][order], np.stack(want["pooled"].to_numpy(zero_copy_only=False)))
+    assert tracks == [""] * 38 and pairs == {(0, "a"), (1, "b"), (2, "c")}
+    rows = Gallery.open(g.path)._store.rows  # through open, with 3-row batches
+    assert rows.paths[: rows.n] == paths and rows.cam_labels == {0: "a", 1: "b", 2: "c"}
+    _raw_add(g, _bad_row(path=["late.jpg"], cam_label=[""]), _maps(1, 3).half().numpy(),
+             F.normalize(torch.randn(1, C), dim=1).numpy())
+    _one_line_error(lambda: Gallery.open(g.path), "field 'cam' must be -1 exactly where 'cam_label' is empty")

@@ -60,6 +60,7 @@ LOCK = ".write.lock"
 META_COLUMNS = ("path", "pid", "cam", "cam_label", "time", "session", "frame", "time_source", "track")
 OLD_META_COLUMNS = META_COLUMNS[:-1]  # stores written before tracklets
 TAKE_BLOCK = 4096  # feature maps read per Lance take
+LOAD_BATCH = 65536  # rows per Arrow batch while reading a store's columns
 OPTIONS = {"new_table_enable_stable_row_ids": "true"}
 
 
@@ -162,6 +163,13 @@ class _Growing:
 
     def __init__(self, values: np.ndarray):
         self.buf, self.n = values, len(values)
+
+    @classmethod
+    def empty(cls, capacity: int, shape: tuple, dtype) -> _Growing:
+        """No rows yet, room for ``capacity`` rows of ``shape``."""
+        grown = cls(np.empty((capacity, *shape), dtype=dtype))
+        grown.n = 0
+        return grown
 
     def extend(self, new: np.ndarray) -> np.ndarray:
         k = len(new)
@@ -601,12 +609,18 @@ def _check_schema(path: Path, actual, model: dict) -> None:
 
 
 def _load_rows(path: Path, table, db, feature_shape) -> Rows:
-    """Every column but the maps, validated (one line naming the field and what it must be)."""
+    """Every column but the maps, validated (one line naming the field and what it must be). The table is read in
+    batches straight into the final arrays, so the peak is the columns plus one batch."""
     c = int(feature_shape[0])
+    columns = META_COLUMNS if "track" in table.schema.names else OLD_META_COLUMNS
     try:
         version = table.version
-        columns = META_COLUMNS if "track" in table.schema.names else OLD_META_COLUMNS
-        data = table.search().select([*columns, "pooled"]).with_row_id(True).limit(None).to_arrow()
+        capacity = table.count_rows()
+        reader = table.search().select([*columns, "pooled"]).with_row_id(True).limit(None) \
+            .to_batches(batch_size=LOAD_BATCH)
+        cols, paths, tracks, pairs = _read_batches(path, reader, columns, c, capacity)
+    except QAConvError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise _corrupt(path, f"reading the table: {os_reason(exc)}") from None
 
@@ -615,62 +629,75 @@ def _load_rows(path: Path, table, db, feature_shape) -> Rows:
         t.checkout(v)
         return t
 
-    n = data.num_rows
-    for name in data.column_names:
-        if data[name].null_count:
-            raise _invalid(path, name, "set in every row", f"{data[name].null_count} nulls")
-    pooled_col = data["pooled"].combine_chunks()
-    pooled = pooled_col.values.to_numpy(zero_copy_only=False).reshape(n, c) if n else np.zeros((0, c), np.float32)
-    rows = Rows(
-        version, n, ids=data["_rowid"].to_numpy().astype(np.uint64), paths=data["path"].to_pylist(),
-        pids=data["pid"].to_numpy(), cams=data["cam"].to_numpy(), stored_times=data["time"].to_numpy(),
-        sessions=data["session"].to_numpy(), frames=data["frame"].to_numpy(),
-        sources=data["time_source"].to_numpy(), pooled=pooled, _open=pinned,
-        tracks=data["track"].to_pylist() if "track" in data.column_names else [""] * n,
-        cam_labels=_validate(path, data, pooled),
-    )
-    return rows
+    labels = _validate(path, cols, paths, pairs)
+    return Rows(version, len(paths), paths=paths, tracks=tracks if tracks is not None else [""] * len(paths),
+                cam_labels=labels, _open=pinned, **cols)
 
 
-def _validate(path: Path, data, pooled: np.ndarray) -> dict:
-    """Check every column of a loaded table; returns the camera id -> label map."""
+def _read_batches(path: Path, reader, columns, c: int, capacity: int):
+    """``(numeric columns and pooled, paths, tracks or None, {(cam, label)} pairs)`` from a batch reader."""
+    import pyarrow as pa
+
+    names = {"_rowid": "ids", "pid": "pids", "cam": "cams", "time": "stored_times", "session": "sessions",
+             "frame": "frames", "time_source": "sources"}
+    grow = {k: _Growing.empty(capacity, (), dt) for k, dt in NUMERIC.items()}
+    grow["pooled"] = _Growing.empty(capacity, (c,), np.float32)
+    paths, tracks, pairs = [], [] if "track" in columns else None, set()
+    for batch in reader:
+        for name in batch.schema.names:
+            if batch.column(name).null_count:
+                raise _invalid(path, name, "set in every row", f"{batch.column(name).null_count} nulls")
+        for name, key in names.items():
+            grow[key].extend(batch.column(name).to_numpy(zero_copy_only=False).astype(NUMERIC[key], copy=False))
+        grow["pooled"].extend(batch.column("pooled").flatten().to_numpy(zero_copy_only=False).reshape(-1, c))
+        paths += batch.column("path").to_pylist()
+        if tracks is not None:
+            tracks += batch.column("track").to_pylist()
+        distinct = pa.table({"c": batch.column("cam"), "l": batch.column("cam_label")}).group_by(["c", "l"]) \
+            .aggregate([])
+        pairs.update(zip(distinct["c"].to_pylist(), distinct["l"].to_pylist(), strict=True))
+    return {k: g.buf[: g.n] for k, g in grow.items()}, paths, tracks, pairs
+
+
+def _validate(path: Path, cols: dict, paths: list, pairs: set) -> dict:
+    """Check every loaded column (``pairs``: the distinct (camera id, camera label) of the rows); returns the camera
+    id -> label map."""
     from .extract import check_finite_rows
 
-    paths = data["path"].to_pylist()
     if len(set(paths)) != len(paths) or any(not p for p in paths):
         raise _invalid(path, "path", "distinct, non-empty strings")
-    pids, cams, src = data["pid"].to_numpy(), data["cam"].to_numpy(), data["time_source"].to_numpy()
+    pids, cams, src = cols["pids"], cols["cams"], cols["sources"]
     if (pids < UNKNOWN).any():
         raise _invalid(path, "pid", f"integers >= {UNKNOWN} ({UNKNOWN} = unknown)", str(int(pids.min())))
     if (cams < UNKNOWN).any():
         raise _invalid(path, "cam", f"integers >= {UNKNOWN} ({UNKNOWN} = unknown)", str(int(cams.min())))
-    labels = np.asarray(data["cam_label"].to_pylist(), dtype=object)
-    if ((cams == UNKNOWN) != (labels == "")).any():
+    if any((ci == UNKNOWN) != (lab == "") for ci, lab in pairs):
         raise _invalid(path, "cam", f"{UNKNOWN} exactly where 'cam_label' is empty", "a mismatch")
-    known = cams != UNKNOWN
-    pairs = set(zip(cams[known].tolist(), labels[known].tolist(), strict=True))
-    if len({c for c, _ in pairs}) != len(pairs) or len({lab for _, lab in pairs}) != len(pairs):
+    known = {(ci, lab) for ci, lab in pairs if ci != UNKNOWN}
+    if len({ci for ci, _ in known}) != len(known) or len({lab for _, lab in known}) != len(known):
         raise _invalid(path, "cam", "one id per camera label", "a label with several ids or an id with several labels")
     if not np.isin(src, (TIME_NONE, TIME_NAME, TIME_MANIFEST)).all():
         raise _invalid(path, "time_source", f"{TIME_NONE} (none), {TIME_NAME} (name) or {TIME_MANIFEST} (manifest)",
                        str(sorted(set(src.tolist()) - {TIME_NONE, TIME_NAME, TIME_MANIFEST})))
-    times = data["time"].to_numpy()
+    times = cols["stored_times"]
     stored = src == TIME_MANIFEST
     if not np.isfinite(times[stored]).all() or not np.isnan(times[~stored]).all():
         raise _invalid(path, "time", "finite seconds where 'time_source' is 2 (manifest), NaN elsewhere",
                        f"{int((~np.isfinite(times[stored])).sum() + (~np.isnan(times[~stored])).sum())} rows")
     named = src == TIME_NAME
-    for name in ("session", "frame"):
-        col = data[name].to_numpy()
+    for name, key in (("session", "sessions"), ("frame", "frames")):
+        col = cols[key]
         if (col[named] < 0).any() or (col[named] > (9 if name == "session" else sys.maxsize)).any():
             raise _invalid(path, name, "numbers >= 0 (sessions <= 9) where the time comes from a Market name")
         if (col[~named] != UNKNOWN).any():
             raise _invalid(path, name, f"{UNKNOWN} where the time does not come from a Market name")
-    if not all(re.fullmatch(r"c\d", lab) for lab in labels[named].tolist()):
+    label_of = dict(pairs)
+    if not all(re.fullmatch(r"c\d", label_of[ci]) for ci in np.unique(cams[named]).tolist()):
         raise _invalid(path, "cam_label", "'cN' for Market-name times")
+    pooled = cols["pooled"]
     check_finite_rows(np.isfinite(pooled).all(axis=1), paths,
                       f"store {path} is invalid: field 'pooled' holds NaN/inf for", "rebuild it")
     norms = np.linalg.norm(pooled, axis=1)
     if len(norms) and not ((np.abs(norms - 1) < 1e-3) | (norms == 0)).all():
         raise _invalid(path, "pooled", "unit-norm vectors", f"norms from {norms.min():.4g} to {norms.max():.4g}")
-    return {int(c): str(lab) for c, lab in pairs}
+    return {int(ci): str(lab) for ci, lab in known}
