@@ -46,7 +46,7 @@ _LOCK = threading.Lock()
 
 
 @njit(cache=True)
-def _topk_row(src, gstab, tloc, goff, kk, tv, ti, row, bmax, bsel, cv, ci):  # pragma: no cover - compiled
+def _topk_row(src, gstab, tloc, goff, kk, tv, ti, row, bmax, cv, ci):  # pragma: no cover - compiled
     """One score row: per gallery camera c, its kk[c] largest scores (descending, float64) into tv[c] and
     their positions in camera c's time order (``tloc``) into ti[c]; returns the number of NaN scores.
 
@@ -78,27 +78,26 @@ def _topk_row(src, gstab, tloc, goff, kk, tv, ti, row, bmax, bsel, cv, ci):  # p
             for t in range(n4, len(blk)):
                 m0 = max(m0, blk[t])
             bmax[b] = max(max(m0, m1), max(m2, m3))
-            bsel[b] = bmax[b]
         bar = -np.inf
-        if nb > 1:  # the m-th largest block maximum (partial selection sort)
-            for a in range(m):
-                best = a
-                for b in range(a + 1, nb):
-                    if bsel[b] > bsel[best]:
-                        best = b
-                bsel[a], bsel[best] = bsel[best], bsel[a]
-            bar = bsel[m - 1]
+        if nb > 1:  # the m-th largest block maximum: the smallest one with fewer than m greater (branch-free)
+            bar = np.inf
+            for b in range(nb):
+                v = bmax[b]
+                r = 0
+                for b2 in range(nb):
+                    r += bmax[b2] > v
+                if r < m and v < bar:
+                    bar = v
         nv = 0
         for b in range(nb):
             if nb > 1 and not bmax[b] >= bar:
                 continue
             t0 = b * size
             blk = seg[t0 : n if b == nb - 1 else t0 + size]
-            for t in range(len(blk)):  # range(len()) indices: no wrap-around checks
-                if blk[t] >= bar:
-                    cv[nv] = blk[t]
-                    ci[nv] = t0 + t
-                    nv += 1
+            for t in range(len(blk)):  # branch-free: every score written, kept when >= bar
+                cv[nv] = blk[t]
+                ci[nv] = t0 + t
+                nv += blk[t] >= bar
         got = 0
         for e in range(nv):  # the m largest candidates, descending (equal values: the first seen first)
             v = cv[e]
@@ -204,7 +203,7 @@ def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, b
         ti = np.full((end - base, n_c, k), -1, np.int64)
         row, cv = np.empty(n_g), np.empty(gmax)
         ci = np.empty(gmax, np.int64)
-        bmax, bsel, buf = np.empty(2 * k), np.empty(2 * k), np.empty(k)
+        bmax, buf = np.empty(2 * k), np.empty(k)
         rows = porder[base:end]
         mark = np.full(gmax, -1, np.int64)
         slot = np.zeros(gmax, np.int64)
@@ -219,8 +218,8 @@ def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, b
         for pos in range(a, b):
             w0, w1 = lo[pos] - base, hi[pos] - base
             while done < w1:
-                n_nan[s] += _topk_row(score[rows[done]], gstab, tloc, goff, kk, tv[done], ti[done], row, bmax, bsel,
-                                      cv, ci)
+                n_nan[s] += _topk_row(score[rows[done]], gstab, tloc, goff, kk, tv[done], ti[done], row, bmax, cv,
+                                      ci)
                 done += 1
             if n_nan[s]:
                 break
@@ -261,10 +260,10 @@ def _row_topk(score, porder, gstab, tloc, goff, kk, topv, topi, n_s):  # pragma:
     for s in prange(n_s):
         row, cv = np.empty(n_g), np.empty(gmax)
         ci = np.empty(gmax, np.int64)
-        bmax, bsel = np.empty(2 * k), np.empty(2 * k)
+        bmax = np.empty(2 * k)
         for w in range(s * n_q // n_s, (s + 1) * n_q // n_s):
-            n_nan[s] += _topk_row(score[porder[w]], gstab, tloc, goff, kk, topv[w], topi[w], row, bmax, bsel,
-                                  cv, ci)
+            n_nan[s] += _topk_row(score[porder[w]], gstab, tloc, goff, kk, topv[w], topi[w], row, bmax, cv,
+                                  ci)
     return n_nan.sum()
 
 
