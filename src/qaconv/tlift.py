@@ -46,37 +46,35 @@ _LOCK = threading.Lock()
 
 
 @njit(cache=True)
-def _topk_row(src, gstab, tloc, goff, kk, tv, ti, row, bmax, cv, ci):  # pragma: no cover - compiled
+def _topk_row(src, gstab, tloc, goff, kk, tv, ti, bmax, cv, ci):  # pragma: no cover - compiled
     """One score row: per gallery camera c, its kk[c] largest scores (descending, float64) into tv[c] and
     their positions in camera c's time order (``tloc``) into ti[c]; returns the number of NaN scores.
 
-    The row is gathered into camera order (``gstab``: by camera, else as given) in 2 kk blocks per camera;
-    the kk-th largest block maximum is a lower bound of the kk-th largest score, so only the scores at or
-    above it, in the blocks whose maximum reaches it, are ranked."""
+    Each camera's scores are read through ``gstab`` (columns by camera, else as given) in 2 kk blocks; the
+    kk-th largest block maximum is a lower bound of the kk-th largest score, so only the scores at or above
+    it, in the blocks whose maximum reaches it, are ranked."""
     n_c = len(kk)
     bad = 0
-    for l in range(len(gstab)):
-        v = np.float64(src[gstab[l]])
-        row[l] = v
-        bad += v != v
+    for l in range(len(src)):
+        bad += src[l] != src[l]
     for c in range(n_c):
         m = kk[c]
         g0 = goff[c]
         n = goff[c + 1] - g0
-        seg = row[g0 : g0 + n]
+        idx = gstab[g0 : g0 + n]
         nb = 2 * m if n > 4 * m else 1  # blocks of n // nb, the last one takes the remainder
         size = n // nb
         for b in range(nb):
-            blk = seg[b * size : n if b == nb - 1 else (b + 1) * size]
-            m0 = m1 = m2 = m3 = blk[0]  # four running maxima (NaN is counted above)
+            blk = idx[b * size : n if b == nb - 1 else (b + 1) * size]
+            m0 = m1 = m2 = m3 = np.float64(src[blk[0]])  # four running maxima (NaN is counted above)
             n4 = len(blk) // 4 * 4
             for t in range(0, n4, 4):
-                m0 = max(m0, blk[t])
-                m1 = max(m1, blk[t + 1])
-                m2 = max(m2, blk[t + 2])
-                m3 = max(m3, blk[t + 3])
+                m0 = max(m0, np.float64(src[blk[t]]))
+                m1 = max(m1, np.float64(src[blk[t + 1]]))
+                m2 = max(m2, np.float64(src[blk[t + 2]]))
+                m3 = max(m3, np.float64(src[blk[t + 3]]))
             for t in range(n4, len(blk)):
-                m0 = max(m0, blk[t])
+                m0 = max(m0, np.float64(src[blk[t]]))
             bmax[b] = max(max(m0, m1), max(m2, m3))
         bar = -np.inf
         if nb > 1:  # the m-th largest block maximum: the smallest one with fewer than m greater (branch-free)
@@ -93,11 +91,12 @@ def _topk_row(src, gstab, tloc, goff, kk, tv, ti, row, bmax, cv, ci):  # pragma:
             if nb > 1 and not bmax[b] >= bar:
                 continue
             t0 = b * size
-            blk = seg[t0 : n if b == nb - 1 else t0 + size]
+            blk = idx[t0 : n if b == nb - 1 else t0 + size]
             for t in range(len(blk)):  # branch-free: every score written, kept when >= bar
-                cv[nv] = blk[t]
+                v = np.float64(src[blk[t]])
+                cv[nv] = v
                 ci[nv] = t0 + t
-                nv += blk[t] >= bar
+                nv += v >= bar
         got = 0
         for e in range(nv):  # the m largest candidates, descending (equal values: the first seen first)
             v = cv[e]
@@ -201,7 +200,7 @@ def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, b
         base, end = lo[a], hi[b - 1]  # lo and hi never decrease along the sorted positions
         tv = np.full((end - base, n_c, k), -np.inf)
         ti = np.full((end - base, n_c, k), -1, np.int64)
-        row, cv = np.empty(n_g), np.empty(gmax)
+        cv = np.empty(gmax)
         ci = np.empty(gmax, np.int64)
         bmax, buf = np.empty(2 * k), np.empty(k)
         rows = porder[base:end]
@@ -218,8 +217,7 @@ def _fused(score, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, b
         for pos in range(a, b):
             w0, w1 = lo[pos] - base, hi[pos] - base
             while done < w1:
-                n_nan[s] += _topk_row(score[rows[done]], gstab, tloc, goff, kk, tv[done], ti[done], row, bmax, cv,
-                                      ci)
+                n_nan[s] += _topk_row(score[rows[done]], gstab, tloc, goff, kk, tv[done], ti[done], bmax, cv, ci)
                 done += 1
             if n_nan[s]:
                 break
@@ -258,12 +256,11 @@ def _row_topk(score, porder, gstab, tloc, goff, kk, topv, topi, n_s):  # pragma:
         gmax = max(gmax, goff[c + 1] - goff[c])
     n_nan = np.zeros(n_s, np.int64)
     for s in prange(n_s):
-        row, cv = np.empty(n_g), np.empty(gmax)
+        cv = np.empty(gmax)
         ci = np.empty(gmax, np.int64)
         bmax = np.empty(2 * k)
         for w in range(s * n_q // n_s, (s + 1) * n_q // n_s):
-            n_nan[s] += _topk_row(score[porder[w]], gstab, tloc, goff, kk, topv[w], topi[w], row, bmax, cv,
-                                  ci)
+            n_nan[s] += _topk_row(score[porder[w]], gstab, tloc, goff, kk, topv[w], topi[w], bmax, cv, ci)
     return n_nan.sum()
 
 
