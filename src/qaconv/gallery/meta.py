@@ -104,6 +104,50 @@ def market_times_by_number(cam_numbers, sessions, frames, sources) -> np.ndarray
     return out
 
 
+def manifest_cells(csv_path: Path, required: tuple, optional: tuple, expected: str):
+    """Each non-blank row of a CSV manifest as ``(where, cell)``: ``where`` is ``file:line`` for messages, ``cell``
+    the stripped text of the ``required`` columns and of the ``optional`` ones the header has (names
+    case-insensitive, order free, other columns ignored; a short row gives ''). A missing required column, a file
+    that is not UTF-8 and malformed CSV raise one line naming the file (``expected``: the header to show)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip().lower() for h in next(reader, [])]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise QAConvError(f"{csv_path}:1: missing column(s) {', '.join(missing)}; expected a header "
+                                  f"'{expected}'")
+            idx = {c: header.index(c) for c in (*required, *optional) if c in header}
+            for fields in reader:
+                if any(f.strip() for f in fields):
+                    yield f"{csv_path}:{reader.line_num}", {c: (fields[i].strip() if i < len(fields) else "")
+                                                            for c, i in idx.items()}
+    except UnicodeDecodeError as exc:
+        raise QAConvError(f"{csv_path}: not a UTF-8 text file ({exc.reason})") from None
+    except csv.Error as exc:
+        raise QAConvError(f"{csv_path}: malformed CSV ({exc})") from None
+
+
+def manifest_time(text: str, where: str) -> float:
+    """Seconds from a manifest's ``time`` cell (NaN when empty); anything but a finite number raises naming
+    ``where``."""
+    if not text:
+        return math.nan
+    try:
+        t = float(text)
+    except ValueError:
+        t = math.nan
+    if not math.isfinite(t):
+        raise QAConvError(f"{where}: column 'time' must be a number of seconds, got {text!r}")
+    return t
+
+
+def manifest_path(text: str, csv_path: Path) -> Path:
+    """The image a manifest's ``path`` cell names: relative to the CSV's folder, or absolute (``~`` expanded)."""
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else csv_path.parent / path
+
+
 def read_gallery_manifest(csv_path: str | Path) -> dict[str, ImageMeta]:
     """Rows of a ``path,pid,camid[,time][,track]`` CSV keyed by the image's resolved absolute path.
 
@@ -114,51 +158,20 @@ def read_gallery_manifest(csv_path: str | Path) -> dict[str, ImageMeta]:
     if not csv_path.is_file():
         raise QAConvError(f"manifest {csv_path} does not exist")
     out: dict[str, ImageMeta] = {}
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip().lower() for h in next(reader, [])]
-            missing = [c for c in REQUIRED if c not in header]
-            if missing:
-                raise QAConvError(
-                    f"{csv_path}:1: missing column(s) {', '.join(missing)}; expected a header "
-                    "'path,pid,camid[,time][,track]'"
-                )
-            idx = {c: header.index(c) for c in (*REQUIRED, "time", "track") if c in header}
-            for fields in reader:
-                if not any(f.strip() for f in fields):
-                    continue
-                line = reader.line_num
-                cell = {c: (fields[i].strip() if i < len(fields) else "") for c, i in idx.items()}
-                for col in REQUIRED:
-                    if not cell[col]:
-                        raise QAConvError(f"{csv_path}:{line}: column '{col}' is empty")
-                try:
-                    pid = int(cell["pid"])
-                except ValueError:
-                    raise QAConvError(
-                        f"{csv_path}:{line}: column 'pid' must be an integer, got {cell['pid']!r}"
-                    ) from None
-                time, source = math.nan, TIME_NONE
-                if cell.get("time"):
-                    try:
-                        time = float(cell["time"])
-                    except ValueError:
-                        time = math.nan
-                    if not math.isfinite(time):
-                        raise QAConvError(
-                            f"{csv_path}:{line}: column 'time' must be a number of seconds, got {cell['time']!r}"
-                        )
-                    source = TIME_MANIFEST
-                path = Path(cell["path"]).expanduser()
-                key = str((path if path.is_absolute() else csv_path.parent / path).resolve())
-                if key in out:
-                    raise QAConvError(f"{csv_path}:{line}: image {cell['path']} is listed twice")
-                out[key] = ImageMeta(pid, cell["camid"], UNKNOWN, UNKNOWN, time, source, cell.get("track", ""))
-    except UnicodeDecodeError as exc:
-        raise QAConvError(f"{csv_path}: not a UTF-8 text file ({exc.reason})") from None
-    except csv.Error as exc:
-        raise QAConvError(f"{csv_path}: malformed CSV ({exc})") from None
+    for where, cell in manifest_cells(csv_path, REQUIRED, ("time", "track"), "path,pid,camid[,time][,track]"):
+        for col in REQUIRED:
+            if not cell[col]:
+                raise QAConvError(f"{where}: column '{col}' is empty")
+        try:
+            pid = int(cell["pid"])
+        except ValueError:
+            raise QAConvError(f"{where}: column 'pid' must be an integer, got {cell['pid']!r}") from None
+        time = manifest_time(cell.get("time", ""), where)
+        key = str(manifest_path(cell["path"], csv_path).resolve())
+        if key in out:
+            raise QAConvError(f"{where}: image {cell['path']} is listed twice")
+        out[key] = ImageMeta(pid, cell["camid"], UNKNOWN, UNKNOWN, time,
+                             TIME_MANIFEST if cell.get("time") else TIME_NONE, cell.get("track", ""))
     return out
 
 

@@ -16,14 +16,13 @@ Example::
 
 from __future__ import annotations
 
-import csv
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.filetypes import IMAGE_TYPES, check_image_file, is_image_name
 from ..errors import QAConvError
 from .extract import list_images
+from .meta import manifest_cells, manifest_path, manifest_time
 
 MANIFEST_HEADER = "path,camid[,time][,pid][,track]"
 
@@ -99,70 +98,46 @@ def read_query_manifest(csv_path: str | Path) -> QuerySet:
     if not csv_path.is_file():
         raise QAConvError(f"query manifest {csv_path} does not exist")
     paths, cams, times, pids, groups, seen = [], [], [], [], [], set()
-    names, tracks, first_of = [], [], {}
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip().lower() for h in next(reader, [])]
-            missing = [c for c in ("path", "camid") if c not in header]
-            if missing:
-                raise QAConvError(f"{csv_path}:1: missing column(s) {', '.join(missing)}; expected a header "
-                                  f"'{MANIFEST_HEADER}'")
-            idx = {c: header.index(c) for c in ("path", "camid", "time", "pid", "track") if c in header}
-            for fields in reader:
-                if not any(f.strip() for f in fields):
-                    continue
-                line = f"{csv_path}:{reader.line_num}"
-                cell = {c: (fields[i].strip() if i < len(fields) else "") for c, i in idx.items()}
-                if not cell["path"]:
-                    raise QAConvError(f"{line}: column 'path' is empty")
-                path = Path(cell["path"]).expanduser()
-                path = path if path.is_absolute() else csv_path.parent / path
-                if not path.is_file() or not is_image_name(path):  # the message names the path as written
-                    what = "does not exist" if not path.exists() else "is a folder, not an image file" if \
-                        path.is_dir() else f"is not an image file (expected {IMAGE_TYPES})"
-                    raise QAConvError(f"{line}: image {cell['path']} {what}")
-                key = str(path.resolve())
-                if key in seen:
-                    raise QAConvError(f"{line}: image {cell['path']} is listed twice")
-                seen.add(key)
-                t = math.nan
-                if cell.get("time"):
-                    try:
-                        t = float(cell["time"])
-                    except ValueError:
-                        t = math.nan
-                    if not math.isfinite(t):
-                        raise QAConvError(f"{line}: column 'time' must be a number of seconds, got {cell['time']!r}")
-                pid = -1
-                if cell.get("pid"):
-                    try:
-                        pid = int(cell["pid"])
-                    except ValueError:
-                        pid = -2
-                    if pid < -1:
-                        raise QAConvError(f"{line}: column 'pid' must be an integer >= -1 (-1 or empty: unknown), "
-                                          f"got {cell['pid']!r}")
-                track = cell.get("track", "")
-                group = ("track", cell["camid"], track) if track else ("row", len(paths))
-                if group not in first_of:
-                    first_of[group] = len(names)
-                    names.append(f"track {track}" + (f" ({cell['camid']})" if cell["camid"] else "") if track
-                                 else str(path))
-                    tracks.append(track or None)
-                paths.append(path)
-                cams.append(cell["camid"])
-                times.append(t)
-                pids.append(pid)
-                groups.append(group)
-    except UnicodeDecodeError as exc:
-        raise QAConvError(f"{csv_path}: not a UTF-8 text file ({exc.reason})") from None
-    except csv.Error as exc:
-        raise QAConvError(f"{csv_path}: malformed CSV ({exc})") from None
+    names, tracks, first_of, columns = [], [], {}, set()
+    for where, cell in manifest_cells(csv_path, ("path", "camid"), ("time", "pid", "track"), MANIFEST_HEADER):
+        columns = set(cell)
+        if not cell["path"]:
+            raise QAConvError(f"{where}: column 'path' is empty")
+        path = manifest_path(cell["path"], csv_path)
+        if not path.is_file() or not is_image_name(path):  # the message names the path as written
+            what = "does not exist" if not path.exists() else "is a folder, not an image file" if \
+                path.is_dir() else f"is not an image file (expected {IMAGE_TYPES})"
+            raise QAConvError(f"{where}: image {cell['path']} {what}")
+        key = str(path.resolve())
+        if key in seen:
+            raise QAConvError(f"{where}: image {cell['path']} is listed twice")
+        seen.add(key)
+        t = manifest_time(cell.get("time", ""), where)
+        pid = -1
+        if cell.get("pid"):
+            try:
+                pid = int(cell["pid"])
+            except ValueError:
+                pid = -2
+            if pid < -1:
+                raise QAConvError(f"{where}: column 'pid' must be an integer >= -1 (-1 or empty: unknown), "
+                                  f"got {cell['pid']!r}")
+        track = cell.get("track", "")
+        group = ("track", cell["camid"], track) if track else ("row", len(paths))
+        if group not in first_of:
+            first_of[group] = len(names)
+            names.append(f"track {track}" + (f" ({cell['camid']})" if cell["camid"] else "") if track
+                         else str(path))
+            tracks.append(track or None)
+        paths.append(path)
+        cams.append(cell["camid"])
+        times.append(t)
+        pids.append(pid)
+        groups.append(group)
     if not paths:
         raise QAConvError(f"query manifest {csv_path} lists no images")
-    return QuerySet(paths, names, tracks, cams=cams, times=times if "time" in idx else None,
-                    pids=pids if "pid" in idx else None, groups=groups)
+    return QuerySet(paths, names, tracks, cams=cams, times=times if "time" in columns else None,
+                    pids=pids if "pid" in columns else None, groups=groups)
 
 
 def expand(values: list, qs: QuerySet) -> list:
