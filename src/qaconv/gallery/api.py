@@ -507,7 +507,6 @@ class Gallery:
                                  self._device, memory, tau, sigma, tlift_k, alpha, excluded)
         return hits(rows, scores, pos)
 
-
     # -- export -----------------------------------------------------------------------------------------------
     def export(self, folder: str | Path, format: str = "csv") -> dict:
         """Write the pooled vectors and the metadata for a vector database of one's own: ``folder/pooled.npy``
