@@ -434,22 +434,31 @@ def _exp_block(x, tf):  # pragma: no cover - compiled
         x[i] *= tf[i]
 
 
-@njit(cache=True)
-def _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern):  # pragma: no cover - compiled
-    """The kernel values exp(-(t_p - t)^2 / sigma^2) of each row's band, packed at ``boff[p]``."""
+@njit(parallel=True, cache=True)
+def _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern, n_s):  # pragma: no cover - compiled
+    """The kernel values exp(-(t_p - t)^2 / sigma^2) of each row's band, packed at ``boff[p]``; rows in n_s
+    spans of about equal size."""
     n_c = len(goff) - 1
-    tf = np.empty(512)
-    for c in range(n_c):
-        tc = tcol[coff[c] : coff[c + 1]]
-        for p in range(goff[c], goff[c + 1]):
+    n = goff[n_c]
+    total = boff[n]
+    for s in prange(n_s):
+        tf = np.empty(512)
+        c = 0
+        p = np.searchsorted(boff, s * total // n_s)  # the rows whose values start in this span's share
+        end = np.searchsorted(boff, (s + 1) * total // n_s)
+        while p < end:
+            while goff[c + 1] <= p:
+                c += 1
             t = tg[p]
             lo = blo[p]
-            row = kern[boff[p] : boff[p] + bhi[p] - lo]
+            tc = tcol[coff[c] + lo : coff[c] + bhi[p]]
+            row = kern[boff[p] : boff[p] + len(tc)]
             for l in range(len(row)):
-                d = t - tc[lo + l]
+                d = t - tc[l]
                 row[l] = -(d * d) / sigma2
             for b in range(0, len(row), len(tf)):
                 _exp_block(row[b : b + len(tf)], tf)
+            p += 1
 
 
 def _n_spans(n: int) -> int:
@@ -477,7 +486,7 @@ def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern, limit=
         return None
     if size > len(kern):
         kern = np.empty(size)
-    _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern)
+    _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern, _n_spans(n_rows))
     return kern, blo, bhi, boff, coff, inv
 
 
