@@ -473,8 +473,8 @@ def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern, limit=
     n_c = len(goff) - 1
     sub = gcode[g0 : g0 + width]
     order = np.lexsort((g_times[g0 : g0 + width], sub))
-    inv = np.empty(len(sub), np.int32)
-    inv[order] = np.arange(len(sub), dtype=np.int32)
+    inv = np.empty(len(sub), np.uint32)  # unsigned indices: no negative-index wrap-around in the compiled loops
+    inv[order] = np.arange(len(sub), dtype=np.uint32)
     coff = np.concatenate([[0], np.cumsum(np.bincount(sub, minlength=n_c))]).astype(np.int64)
     tcol = g_times[g0 + order]
     n_rows = int(goff[-1])
@@ -570,7 +570,7 @@ def tlift(
     n_c = len(gsize)
     goff = np.concatenate([[0], np.cumsum(gsize)]).astype(np.int64)
     gorder = np.lexsort((g_times, gcode)).astype(np.int64)  # by camera, then time
-    gstab = np.argsort(gcode, kind="stable").astype(np.int64)  # by camera, else in the given order
+    gstab = np.argsort(gcode, kind="stable").astype(np.uint32)  # by camera, else in the given order (unsigned: see inv)
     tpos = np.empty(n_g, np.int64)
     tpos[gorder] = np.arange(n_g) - goff[gcode[gorder]]
     tloc = tpos[gstab]  # position in its camera's time order, in gstab order
