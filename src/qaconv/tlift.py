@@ -466,13 +466,15 @@ def _n_spans(n: int) -> int:
     return max(1, min(n, 4 * numba.get_num_threads()))
 
 
-def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern, limit=None):
+def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern, limit=None, order=None):
     """The banded kernel of every gallery camera against the columns [g0, g0 + width): (kern, blo, bhi, boff,
     coff, inv), kern grown if needed; columns in (camera, time) order, ``inv`` the slot of each column.
-    None if the bands hold more than ``limit`` values (then nothing is computed but the bands)."""
+    None if the bands hold more than ``limit`` values (then nothing is computed but the bands). ``order``: the
+    chunk's columns in (camera, time) order, if the caller has it."""
     n_c = len(goff) - 1
     sub = gcode[g0 : g0 + width]
-    order = np.lexsort((g_times[g0 : g0 + width], sub))
+    if order is None:
+        order = np.lexsort((g_times[g0 : g0 + width], sub))
     inv = np.empty(len(sub), np.uint32)  # unsigned indices: no negative-index wrap-around in the compiled loops
     inv[order] = np.arange(len(sub), dtype=np.uint32)
     coff = np.concatenate([[0], np.cumsum(np.bincount(sub, minlength=n_c))]).astype(np.int64)
@@ -591,7 +593,7 @@ def tlift(
         ranked = int((hi[cuts[1:] - 1] - lo[cuts[:-1]]).sum())  # rows ranked by the spans of the one-pass path
         one = None
         if ranked <= 2 * n_q:  # (windows much wider than a span would have each span rank them again)
-            one = _kernel_chunk(0, n_g, gcode, g_times, tg, goff, sigma2, cut, np.empty(0), limit=_KERNEL_ELEMS)
+            one = _kernel_chunk(0, n_g, gcode, g_times, tg, goff, sigma2, cut, np.empty(0), _KERNEL_ELEMS, gorder)
         if one is not None:  # all cameras' banded kernels fit one chunk: everything in one pass
             kern, blo, bhi, boff, _, inv = one
             if _fused(work, out, gstab, tloc, goff, gorder, kk, k, porder, lo, hi, kern, blo, bhi, boff, inv,
