@@ -10,7 +10,8 @@ re-ranked ``1 - dist``. Raw QAConv logits (unbounded, possibly negative) should 
 The result equals the official per-probe loop (to rounding). Compiled (numba) steps: each row's k
 largest scores per gallery camera; per probe and gallery camera the threshold (the k-th largest of its
 co-occurring group, merged from those lists) and its pivots; the Gaussian kernel of each gallery camera,
-computed once (banded: values under alpha * 2^-60 cannot change an output and are left out); and
+computed once, in parallel, with an exp of its own that vectorises (banded: values under alpha * 2^-60
+cannot change an output and are left out); and
 ``w = counts @ kernel / #pivots`` fused with ``(w + alpha) * score``, written straight into the output.
 When the banded kernels of all cameras fit one chunk (``_KERNEL_ELEMS``), all steps run in one parallel
 pass over spans of probes sorted by (camera, time), each span ranking its window rows just ahead of the
