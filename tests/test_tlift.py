@@ -261,3 +261,25 @@ def test_vectorised_exp_matches_library_exp():
         mod._exp_block(got, np.empty(len(x)))
         ref = np.array([math.exp(v) for v in x])
         assert np.all(np.abs(got - ref) <= 2 * np.spacing(ref)), (x, got, ref)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-5, 5), min_size=1, max_size=40), st.sampled_from([np.int8, np.int64, np.uint16, np.uint64]),
+       st.integers(0, 2**62), st.data())
+def test_camera_codes_and_orders_match_numpy(values, dtype, shift, data):
+    """The set-up's camera codes equal np.unique's inverse (table path for integer ids spanning < 2^16 values,
+    np.unique otherwise), and its orders equal np.lexsort, ties (equal camera and time) in the given order."""
+    ids = np.array(values)
+    if np.dtype(dtype).kind == "u":
+        ids = ids - ids.min()
+    ids = ids.astype(dtype)
+    if dtype == np.uint64 and shift:
+        ids = ids + np.uint64(shift)  # large ids; a wide spread goes through np.unique
+        ids[0] = np.uint64(2**63 + shift) if len(ids) > 1 else ids[0]
+    codes = mod._codes(ids)
+    np.testing.assert_array_equal(codes, np.unique(ids, return_inverse=True)[1].reshape(-1))
+    times = np.array(data.draw(st.lists(st.sampled_from([0.0, 1.5, -2.0, 7.25]), min_size=len(ids), max_size=len(ids))))
+    n_codes = int(codes.max()) + 1
+    np.testing.assert_array_equal(mod._by_code_time(codes, n_codes, times), np.lexsort((times, codes)))
+    np.testing.assert_array_equal(mod._by_code(codes, n_codes), np.argsort(codes, kind="stable"))
+    np.testing.assert_array_equal(mod._codes(np.array(["b", "a", "b"])), [1, 0, 1])

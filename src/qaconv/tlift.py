@@ -475,7 +475,7 @@ def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern, limit=
     n_c = len(goff) - 1
     sub = gcode[g0 : g0 + width]
     if order is None:
-        order = np.lexsort((g_times[g0 : g0 + width], sub))
+        order = _by_code_time(sub, n_c, g_times[g0 : g0 + width])
     inv = np.empty(len(sub), np.uint32)  # unsigned indices: no negative-index wrap-around in the compiled loops
     inv[order] = np.arange(len(sub), dtype=np.uint32)
     coff = np.concatenate([[0], np.cumsum(np.bincount(sub, minlength=n_c))]).astype(np.int64)
@@ -491,6 +491,30 @@ def _kernel_chunk(g0, width, gcode, g_times, tg, goff, sigma2, cut, kern, limit=
         kern = np.empty(size)
     _kernel_fill(tg, goff, tcol, coff, sigma2, blo, bhi, boff, kern, _n_spans(n_rows))
     return kern, blo, bhi, boff, coff, inv
+
+
+def _codes(ids: np.ndarray) -> np.ndarray:
+    """Ids -> codes 0..C-1 in sorted id order (np.unique's inverse), int64; by a table for integer ids that
+    span fewer than 2^16 values (no sort)."""
+    if np.issubdtype(ids.dtype, np.integer) and len(ids):
+        lo, hi = int(ids.min()), int(ids.max())
+        if hi - lo < 1 << 16:
+            off = (ids - lo).astype(np.int64)
+            seen = np.zeros(hi - lo + 1, np.int64)
+            seen[off] = 1
+            return (np.cumsum(seen) - 1)[off]
+    return np.unique(ids, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _by_code(code: np.ndarray, n_codes: int) -> np.ndarray:
+    """Stable order of ``code`` (0..n_codes-1): numpy radix-sorts 16-bit keys."""
+    return np.argsort(code.astype(np.int16) if n_codes < 1 << 15 else code, kind="stable")
+
+
+def _by_code_time(code: np.ndarray, n_codes: int, times: np.ndarray) -> np.ndarray:
+    """Order by code, then time, ties in the given order: ``np.lexsort((times, code))``, as two stable sorts."""
+    order = np.argsort(times, kind="stable")
+    return order[_by_code(code[order], n_codes)]
 
 
 def _check(score, q_cams, q_times, g_cams, g_times, tau, sigma, k):
@@ -567,22 +591,20 @@ def tlift(
     if n_q == 0 or n_g == 0:
         return out.astype(out_dtype, copy=False)
     # gallery cameras 0..C-1; columns grouped by camera and sorted by time within it (gorder)
-    _, gcode = np.unique(g_cams, return_inverse=True)
-    gcode = gcode.reshape(-1).astype(np.int64)
+    gcode = _codes(g_cams)
     gsize = np.bincount(gcode).astype(np.int64)
     n_c = len(gsize)
     goff = np.concatenate([[0], np.cumsum(gsize)]).astype(np.int64)
-    gorder = np.lexsort((g_times, gcode)).astype(np.int64)  # by camera, then time
-    gstab = np.argsort(gcode, kind="stable").astype(np.uint32)  # by camera, else in the given order (unsigned: see inv)
+    gorder = _by_code_time(gcode, n_c, g_times).astype(np.int64)  # by camera, then time
+    gstab = _by_code(gcode, n_c).astype(np.uint32)  # by camera, else in the given order (unsigned: see inv)
     tpos = np.empty(n_g, np.int64)
     tpos[gorder] = np.arange(n_g) - goff[gcode[gorder]]
     tloc = tpos[gstab]  # position in its camera's time order, in gstab order
     tg = g_times[gorder]
     kk = np.minimum(k, gsize).astype(np.int64)
     # probes sorted by (camera, time); co-occurrence windows in that order
-    _, pcode = np.unique(q_cams, return_inverse=True)
-    pcode = pcode.reshape(-1)
-    porder = np.lexsort((q_times, pcode)).astype(np.int64)
+    pcode = _codes(q_cams)
+    porder = _by_code_time(pcode, int(pcode.max()) + 1, q_times).astype(np.int64)
     # kernel values below alpha * 2^-60 change no output by more than 2^-60 relative: left out
     cut = 60 * np.log(2.0) - np.log(alpha) if alpha > 0 else np.inf
     sigma2 = float(sigma) ** 2
