@@ -498,8 +498,8 @@ def _codes(ids: np.ndarray) -> np.ndarray:
     span fewer than 2^16 values (no sort)."""
     if np.issubdtype(ids.dtype, np.integer) and len(ids):
         lo, hi = int(ids.min()), int(ids.max())
-        if hi - lo < 1 << 16:
-            off = (ids - lo).astype(np.int64)
+        if hi - lo < 1 << 16:  # offsets in int64, or in the unsigned type (no overflow either way)
+            off = (ids - ids.min()).astype(np.int64) if ids.dtype.kind == "u" else ids.astype(np.int64) - lo
             seen = np.zeros(hi - lo + 1, np.int64)
             seen[off] = 1
             return (np.cumsum(seen) - 1)[off]
