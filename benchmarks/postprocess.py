@@ -121,9 +121,10 @@ def bench_tlift(rng, q, g, loop_rows):
     The machine is shared and its speed drifts by tens of percent within minutes, so the timings are taken
     in interleaved rounds (7 compiled calls, then each loop once; 5 rounds on the small case, 1 on Market),
     after one untimed full-size call (compilation, the first touch of the buffers), and compared as medians.
-    Memory the process has never touched is slow to fault in on these virtual machines (several ms for the
-    14 MiB output at 600 x 3,000), so each timed result is dropped before the next call, as a caller replacing
-    its result would; the first untimed result is kept for the comparison."""
+    Memory the process has never touched can be slow to fault in on these virtual machines (on one, a 600 x
+    3,000 call took 12-33 ms on fresh pages against 6.6-7 ms on recycled ones; on another, filling a fresh
+    14 MiB array cost no more than refilling one), so each timed result is dropped before the next call, as a
+    caller replacing its result would; the first untimed result is kept for the comparison."""
     case = _tlift_case(rng, q, g)
     _warm_up(case)
     out = tlift(*case)  # untimed: first full-size call
