@@ -284,3 +284,47 @@ def test_camera_codes_and_orders_match_numpy(values, dtype, shift, data):
     np.testing.assert_array_equal(mod._by_code_time(codes, n_codes, times), np.lexsort((times, codes)))
     np.testing.assert_array_equal(mod._by_code(codes, n_codes), np.argsort(codes, kind="stable"))
     np.testing.assert_array_equal(mod._codes(np.array(["b", "a", "b"])), [1, 0, 1])
+
+
+def _tbb_installed():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tbb") is not None
+    except PackageNotFoundError:
+        return False
+
+
+def test_threading_layer_is_tbb_where_installed_and_never_openmp():
+    """Importing qaconv.tlift in a fresh process (no NUMBA_* variables) selects TBB when the tbb package is
+    installed (a dependency on Linux x86-64), else workqueue; never OpenMP (it spins and is not fork-safe)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING")}
+    code = "import numba, qaconv.tlift; numba.get_num_threads(); print(numba.threading_layer())"
+    layer = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    layer = layer.stdout.strip()
+    assert layer == ("tbb" if _tbb_installed() else "workqueue")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_child_runs_tlift_after_the_parent():
+    """A child forked after the parent ran the parallel passes (as DataLoader workers or multiprocessing
+    pools are) runs them too and gets the same result."""
+    import os
+
+    rng = np.random.default_rng(3)
+    score = rng.random((40, 90))
+    args = (score, rng.integers(0, 3, 40), rng.random(40) * 500, rng.integers(0, 4, 90), rng.random(90) * 500)
+    ref = tlift(*args)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            code = 0 if np.array_equal(tlift(*args), ref) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
