@@ -41,10 +41,11 @@ _KERNEL_ELEMS = 1 << 24
 _PIVOT_ELEMS = 1 << 24
 # Threading layer, unless the user chose one: TBB where the ``tbb`` package is installed (a dependency on
 # Linux x86-64), else numba's own thread pool (workqueue); both are fork-safe and their workers sleep between
-# parallel regions. TBB made a 600 x 3,000 call about 15-20 % faster than workqueue on 2 cores, and no slower
-# with two busy processes beside it. OpenMP comes last: its spinning workers made calls 3-6x slower whenever
-# other processes shared the cores, and numba's GNU OpenMP layer terminates any forked child that runs a
-# parallel region. Calls are serialised by a lock (workqueue must not be entered from two threads at once).
+# parallel regions. TBB made a 600 x 3,000 call faster than workqueue on 2 cores (median 9.5-11.0 against
+# 11.0-14.8 ms, six alternating runs each) and was no slower with two busy processes beside it. OpenMP comes
+# last: its spinning workers made calls 3-6x slower whenever other processes shared the cores, and numba's GNU
+# OpenMP layer terminates any forked child that runs a parallel region. Calls are serialised by a lock
+# (workqueue must not be entered from two threads at once).
 if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
 _LOCK = threading.Lock()
