@@ -1,7 +1,11 @@
 """TLift against a plain-loop transcription of the official algorithm (spec §8)."""
 
 import math
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import pytest
@@ -287,21 +291,17 @@ def test_camera_codes_and_orders_match_numpy(values, dtype, shift, data):
 
 
 def _tbb_installed():
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        return version("tbb") is not None
+        version("tbb")
     except PackageNotFoundError:
         return False
+    return True
 
 
 def test_threading_layer_is_tbb_where_installed_and_never_openmp():
-    """Importing qaconv.tlift in a fresh process (no NUMBA_* variables) selects TBB when the tbb package is
-    installed (a dependency on Linux x86-64), else workqueue; never OpenMP (it spins and is not fork-safe)."""
-    import os
-    import subprocess
-    import sys
-
+    """Importing qaconv.tlift in a fresh process (no NUMBA_THREADING_* variables) selects TBB when the tbb
+    package is installed (a dependency on Linux x86-64), else workqueue; never OpenMP (it spins and is not
+    fork-safe)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING")}
     code = "import numba, qaconv.tlift; numba.get_num_threads(); print(numba.threading_layer())"
     layer = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -309,12 +309,10 @@ def test_threading_layer_is_tbb_where_installed_and_never_openmp():
     assert layer == ("tbb" if _tbb_installed() else "workqueue")
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_runs_tlift_after_the_parent():
     """A child forked after the parent ran the parallel passes (as DataLoader workers or multiprocessing
     pools are) runs them too and gets the same result."""
-    import os
-
     rng = np.random.default_rng(3)
     score = rng.random((40, 90))
     args = (score, rng.integers(0, 3, 40), rng.random(40) * 500, rng.integers(0, 4, 90), rng.random(90) * 500)
