@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
@@ -272,8 +273,8 @@ def test_vectorised_exp_matches_library_exp():
        st.sampled_from([np.int8, np.int64, np.uint16, np.uint64]), st.integers(0, 2**62), st.data())
 def test_camera_codes_and_orders_match_numpy(values, dtype, shift, data):
     """The set-up's camera codes equal np.unique's inverse (table path for integer ids spanning < 2^16 values,
-    in narrow types too, np.unique otherwise), and its orders equal np.lexsort, ties (equal camera and time)
-    in the given order."""
+    in narrow types too, np.unique otherwise; string ids below), and its orders equal np.lexsort, ties (equal
+    camera and time) in the given order."""
     ids = np.array(values)
     if np.dtype(dtype).kind == "u":
         ids = ids - ids.min()
@@ -287,6 +288,9 @@ def test_camera_codes_and_orders_match_numpy(values, dtype, shift, data):
     n_codes = int(codes.max()) + 1
     np.testing.assert_array_equal(mod._by_code_time(codes, n_codes, times), np.lexsort((times, codes)))
     np.testing.assert_array_equal(mod._by_code(codes, n_codes), np.argsort(codes, kind="stable"))
+
+
+def test_camera_codes_of_string_ids():
     np.testing.assert_array_equal(mod._codes(np.array(["b", "a", "b"])), [1, 0, 1])
 
 
@@ -298,15 +302,30 @@ def _tbb_installed():
     return True
 
 
-def test_threading_layer_is_tbb_where_installed_and_never_openmp():
+# In a fresh process: hide TBB (numba's version check fails as for a missing library), import qaconv.tlift,
+# start numba's threads and print the layer chosen.
+_LAYER_CODE = """
+import numba.np.ufunc.parallel as par
+def _missing():
+    raise ImportError("tbb hidden by the test")
+if HIDE_TBB:
+    par._check_tbb_version_compatible = _missing
+import numba, qaconv.tlift
+numba.get_num_threads()
+print(numba.threading_layer())
+"""
+
+
+@pytest.mark.parametrize("hide_tbb", [False, True])
+def test_threading_layer_is_tbb_where_installed_and_never_openmp(hide_tbb):
     """Importing qaconv.tlift in a fresh process (no NUMBA_THREADING_* variables) selects TBB when the tbb
     package is installed (a dependency on Linux x86-64), else workqueue; never OpenMP (it spins and is not
-    fork-safe)."""
+    fork-safe), which numba's own order would pick before workqueue."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING")}
-    code = "import numba, qaconv.tlift; numba.get_num_threads(); print(numba.threading_layer())"
+    code = f"HIDE_TBB = {hide_tbb}\n" + _LAYER_CODE
     layer = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     layer = layer.stdout.strip()
-    assert layer == ("tbb" if _tbb_installed() else "workqueue")
+    assert layer == ("tbb" if _tbb_installed() and not hide_tbb else "workqueue")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -324,5 +343,11 @@ def test_forked_child_runs_tlift_after_the_parent():
             code = 0 if np.array_equal(tlift(*args), ref) else 2
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    deadline = time.monotonic() + 300  # a child stuck in the thread pool fails the test instead of hanging it
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish TLift within 300 s")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
